@@ -1,0 +1,96 @@
+"""The one frame sampler: which frames of a video are used, decoded with decord.
+
+Both the shard writer and caption generation call `read_frames`, so the frames a captioning
+model describes are exactly the frames the trained model sees.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class VideoError(ValueError):
+    """A video that cannot be used; the message names the source and the reason."""
+
+
+@dataclass
+class SampledFrames:
+    frames: np.ndarray  # uint8 [n, size, size, 3] (or native size when size is None)
+    indices: list[int]  # frame numbers in the source video
+    timestamps: list[float]  # seconds
+    fps: float
+    total_frames: int
+
+
+def sample_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Centres of `num_frames` equal segments: uniform coverage, no bias to either end."""
+    if total_frames <= 0:
+        raise ValueError("video has no frames")
+    step = total_frames / num_frames
+    return [min(total_frames - 1, int(step * i + step / 2)) for i in range(num_frames)]
+
+
+def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to `size`, then a central size x size crop (the CLIP-style preprocessing)."""
+    img = Image.fromarray(frame)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = None) -> SampledFrames:
+    """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes."""
+    import decord
+
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+        reader = decord.VideoReader(handle, ctx=decord.cpu(0), num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise VideoError(f"{name}: video has no frames")
+        fps = float(reader.get_avg_fps() or 0.0)
+        indices = sample_indices(total, num_frames)
+        frames = reader.get_batch(indices).asnumpy()
+    except VideoError:
+        raise
+    except Exception as exc:  # decord raises bare DECORDError/RuntimeError on corrupt input
+        raise VideoError(f"{name}: cannot decode video ({type(exc).__name__}: {exc})") from exc
+    if size is not None:
+        frames = np.stack([resize_center_crop(f, size) for f in frames])
+    timestamps = [round(i / fps, 3) if fps > 0 else 0.0 for i in indices]
+    return SampledFrames(frames, indices, timestamps, fps, total)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
+
+
+__all__ = [
+    "SampledFrames",
+    "VideoError",
+    "decode_jpeg",
+    "encode_jpeg",
+    "is_video_file",
+    "read_frames",
+    "resize_center_crop",
+    "sample_indices",
+]

@@ -1,0 +1,3 @@
+from safevid.cli import main
+
+raise SystemExit(main())
