@@ -1,0 +1,178 @@
+"""Run configuration: a typed schema, YAML files, dotted `key=value` overrides.
+
+Unknown keys and wrong types are errors that name the key (OmegaConf structured configs in
+struct mode); cross-field rules are checked in `validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llava_next_video"
+    # Local transformers directory or hub id. Nothing is downloaded unless a hub id is named.
+    name_or_path: str = "${demo.assets_dir}/model"
+    freeze_vision: bool = True  # the LLaVA-NeXT-Video DPO recipe trains only the language model
+    freeze_projector: bool = True
+    attn_implementation: str = "sdpa"
+    dtype: str = "auto"  # auto: bf16 where the device has it, else fp32
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Brace patterns and globs, comma-separated: "data/train-{000000..000031}.tar".
+    shards: str = "${demo.assets_dir}/shards/train-*.tar"
+    eval_shards: str | None = "${demo.assets_dir}/shards/heldout-*.tar"
+    packing: bool = True
+    max_tokens_per_row: int = 4096
+    max_answer_tokens: int = 512
+    shuffle_buffer: int = 512
+    decode_threads: int = 2
+    eval_max_pairs: int = 512
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 100
+    pairs_per_step: int = 16  # global, whatever the world size
+    micro_batch_pairs: int = 4  # per rank per forward
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    fused_logprobs: bool = True
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    deepspeed_config: str = "ds_configs/zero3.json"
+    export_hf: bool = True
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    nll_weight: float = 0.0
+
+
+@dataclass
+class DemoConfig:
+    build: bool = False  # build the embedded demo data and tiny model when missing
+    assets_dir: str = ".safevid/demo"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    where = f"key '{key}'" if key else "config"
+    return ConfigError(f"{source}: {where}: {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, typed and resolved."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path)) from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override {item!r}") from exc
+    try:
+        obj: Config = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path or "config")) from exc
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    from safevid.losses import LOSS_TYPES
+
+    checks = [
+        (cfg.train.max_steps > 0, "train.max_steps", "must be > 0"),
+        (cfg.train.pairs_per_step > 0, "train.pairs_per_step", "must be > 0"),
+        (cfg.train.micro_batch_pairs > 0, "train.micro_batch_pairs", "must be > 0"),
+        (cfg.train.save_every >= 0, "train.save_every", "must be >= 0"),
+        (cfg.train.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
+         "must be cosine, linear or constant"),
+        (cfg.loss.type in LOSS_TYPES, "loss.type", f"must be one of {', '.join(LOSS_TYPES)}"),
+        (cfg.loss.beta > 0, "loss.beta", "must be > 0"),
+        (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)"),
+        (cfg.model.family in ("llava_next_video",), "model.family",
+         "must be llava_next_video"),
+        (cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype",
+         "must be auto, bf16, fp16 or fp32"),
+        (cfg.data.max_tokens_per_row > 0, "data.max_tokens_per_row", "must be > 0"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"key '{key}': {why}")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step; the same on every rank, so collectives never deadlock."""
+    per_rank, rem = divmod(cfg.train.pairs_per_step, world_size)
+    if rem or per_rank % cfg.train.micro_batch_pairs:
+        raise ConfigError(
+            f"key 'train.pairs_per_step': {cfg.train.pairs_per_step} pairs must split evenly into "
+            f"{world_size} ranks x micro-batches of train.micro_batch_pairs="
+            f"{cfg.train.micro_batch_pairs}"
+        )
+    return per_rank // cfg.train.micro_batch_pairs
+
+
+def resolve_path(path: str) -> Path:
+    """As given (relative to the working directory), else relative to the repository."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

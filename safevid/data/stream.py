@@ -1,0 +1,184 @@
+"""The global pair stream: shards -> videos -> pairs, in one seeded order that every rank shares.
+
+Every rank walks the same stream and keeps its slice of each step's pairs. That is what makes a
+step's loss independent of the world size, and resume exact: a position is (epoch, pairs read
+in that epoch), replayed from the seed. Frames are decoded only for the pairs a rank keeps, so
+walking past the others costs tar reads, not JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from safevid.data_prep.frames import decode_jpeg
+from safevid.data_prep.shards import PAIR_FIELDS
+
+
+class DataError(ValueError):
+    """Input data that cannot be used at all (no shards, no pairs)."""
+
+
+@dataclass
+class Video:
+    key: str
+    meta: dict
+    jpegs: list[bytes]
+    _frames: np.ndarray | None = field(default=None, repr=False)
+
+    def frames(self) -> np.ndarray:
+        """uint8 [F, H, W, 3], decoded once per video however many pairs use it."""
+        if self._frames is None:
+            self._frames = np.stack([decode_jpeg(b) for b in self.jpegs])
+        return self._frames
+
+
+@dataclass
+class Pair:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    video: Video
+    category: str = ""
+    query_type: str = ""
+
+
+def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
+    """Comma-separated brace patterns and globs -> sorted existing files; none is an error."""
+    import braceexpand
+
+    urls: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        for pattern in braceexpand.braceexpand(part) if part else []:
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            for m in matches:
+                if not Path(m).is_file():
+                    raise DataError(f"key '{key}': shard not found: {m}")
+                urls.append(m)
+    if not urls:
+        raise DataError(f"key '{key}': no shard matches {spec!r}")
+    return urls
+
+
+class Rejects:
+    """Bad samples are skipped, counted, and written to a JSONL file, never lost silently."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.count, self._seen = path, 0, set()
+
+    def add(self, source: str, reason: str) -> None:
+        # The stream replays epochs; report each bad sample once.
+        if (source, reason) in self._seen:
+            return
+        self._seen.add((source, reason))
+        self.count += 1
+        print(f"safevid: skipping {source}: {reason}", file=sys.stderr)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"source": source, "reason": reason}) + "\n")
+
+
+def _identity(urls):
+    return urls
+
+
+def iter_videos(urls: list[str], rejects: Rejects) -> Iterator[Video]:
+    import webdataset as wds
+
+    # Node and worker splitting are deliberately identity: every rank reads the same stream.
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_identity,
+                        workersplitter=_identity, empty_check=False,
+                        handler=lambda exn: _reject_handler(exn, rejects))
+    for sample in ds:
+        source = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            meta = json.loads(sample["json"])
+            names = sorted(k for k in sample if k.endswith(".jpg"))
+            if not names:
+                raise ValueError("sample has no frames")
+            pairs = meta.get("pairs")
+            if not isinstance(pairs, list):
+                raise ValueError("sample JSON has no 'pairs' list")
+        except (KeyError, ValueError) as exc:
+            rejects.add(source, f"bad sample: {exc!r}")
+            continue
+        yield Video(sample["__key__"], meta, [sample[n] for n in names])
+
+
+def _reject_handler(exn: Exception, rejects: Rejects) -> bool:
+    rejects.add("shard", f"unreadable: {exn!r}")
+    return True  # keep going with the next sample / shard
+
+
+def _pairs_of(video: Video, rejects: Rejects) -> Iterator[Pair]:
+    for i, p in enumerate(video.meta["pairs"]):
+        missing = [k for k in PAIR_FIELDS if not isinstance(p.get(k), str) or not p.get(k)]
+        if missing:
+            rejects.add(f"{video.key}/pairs[{i}]", f"missing or empty fields: {missing}")
+            continue
+        yield Pair(p["id"], p["prompt"], p["chosen"], p["rejected"], video,
+                   p.get("category", ""), p.get("query_type", ""))
+
+
+class PairStream:
+    """Infinite, deterministic stream of pairs over epochs, resumable from `position`."""
+
+    def __init__(self, urls: list[str], seed: int, shuffle_buffer: int = 512,
+                 rejects: Rejects | None = None, position: tuple[int, int] = (0, 0)):
+        self.urls, self.seed, self.buffer = list(urls), seed, max(1, shuffle_buffer)
+        self.rejects = rejects or Rejects(None)
+        self.epoch, self.offset = position
+        self._it = self._generate()
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.offset
+
+    def _epoch_pairs(self, epoch: int) -> Iterator[Pair]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.urls))
+        buf: list[Pair] = []
+        for video in iter_videos([self.urls[i] for i in order], self.rejects):
+            for pair in _pairs_of(video, self.rejects):
+                if len(buf) < self.buffer:
+                    buf.append(pair)
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], pair = pair, buf[j]
+                yield pair
+        rng.shuffle(buf)
+        yield from buf
+
+    def _generate(self) -> Iterator[Pair]:
+        skip = self.offset
+        while True:
+            n = 0
+            for n, pair in enumerate(self._epoch_pairs(self.epoch), start=1):
+                if n <= skip:
+                    continue
+                self.offset = n
+                yield pair
+            if n == 0:
+                raise DataError(f"no usable pairs in shards {self.urls[:3]}...")
+            self.epoch, self.offset, skip = self.epoch + 1, 0, 0
+
+    def take(self, n: int) -> list[Pair]:
+        return [next(self._it) for _ in range(n)]
+
+
+def read_all_pairs(urls: list[str], limit: int, rejects: Rejects | None = None) -> list[Pair]:
+    """The first `limit` pairs in shard order (evaluation sets)."""
+    out: list[Pair] = []
+    for video in iter_videos(urls, rejects or Rejects(None)):
+        for pair in _pairs_of(video, rejects or Rejects(None)):
+            if len(out) >= limit:
+                return out
+            out.append(pair)
+    return out

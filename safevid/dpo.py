@@ -1,0 +1,97 @@
+"""Pieces of a DPO step that are not the loop itself: batching, rank slices, metrics, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from safevid.data.collate import MicroBatch, collate, encode_pair
+from safevid.data.stream import Pair, PairStream, Rejects, read_all_pairs
+from safevid.models.llava_next_video import LoadedModel, batch_inputs
+
+STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+             "logps/chosen", "logps/rejected", "tokens")
+
+
+class Batcher:
+    """Pairs -> a MicroBatch on the device (tokenized, packed or padded, frames normalised)."""
+
+    def __init__(self, loaded: LoadedModel, data_cfg, device: torch.device, dtype: torch.dtype):
+        self.loaded, self.cfg, self.device, self.dtype = loaded, data_cfg, device, dtype
+
+    def __call__(self, pairs: list[Pair]) -> MicroBatch:
+        m = self.loaded
+        enc = [encode_pair(p, m.tokenizer, m.video, self.cfg.max_answer_tokens) for p in pairs]
+        batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id,
+                        self.cfg.packing, self.cfg.max_tokens_per_row)
+        return batch.to(self.device, self.dtype)
+
+
+def step_pairs(stream: PairStream, pairs_per_step: int, rank: int, world: int) -> list[Pair]:
+    """This rank's contiguous share of the step's pairs; every rank reads the whole step."""
+    pairs = stream.take(pairs_per_step)
+    share = pairs_per_step // world
+    return pairs[rank * share:(rank + 1) * share]
+
+
+def reduce_step_metrics(sums: dict, pairs_per_step: int, device: torch.device) -> dict:
+    """Sum over ranks, then per-pair means (tokens stay a total)."""
+    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in STEP_KEYS]).to(device)
+    dist.all_reduce(vec)
+    out = {k: float(v) / pairs_per_step for k, v in zip(STEP_KEYS, vec.tolist(), strict=True)}
+    out["tokens"] = int(vec[-1].item())
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], cfg, rank: int,
+             world: int, out_dir: Path | None) -> dict:
+    """Reward accuracy and margin on each named set of shards, spread over all ranks.
+
+    Each rank runs the same number of forwards (the pair list is padded with repeats that are
+    dropped afterwards): under ZeRO-3 an unequal count would deadlock the parameter gathers.
+    """
+    from safevid.losses import preference_loss
+
+    engine.eval()
+    m = cfg.train.micro_batch_pairs
+    results: dict[str, float] = {}
+    for name, urls in sets.items():
+        if not urls:
+            continue
+        pairs = read_all_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
+        if not pairs:
+            continue
+        per_rank = math.ceil(len(pairs) / (world * m)) * m
+        padded = pairs + [pairs[0]] * (per_rank * world - len(pairs))
+        table = torch.zeros(len(padded), 4, dtype=torch.float64, device=batcher.device)
+        for start in range(rank * per_rank, (rank + 1) * per_rank, m):
+            batch = batcher(padded[start:start + m])
+            logps, lengths = engine(**batch_inputs(batch))
+            ref = ref_engine(**batch_inputs(batch))[0] if ref_engine is not None else None
+            _, chosen_r, rejected_r = preference_loss(
+                logps[0::2], logps[1::2],
+                None if ref is None else ref[0::2], None if ref is None else ref[1::2],
+                loss_type=cfg.loss.type, beta=cfg.loss.beta,
+                label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
+                chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
+            )
+            table[start:start + m] = torch.stack(
+                [chosen_r, rejected_r, logps[0::2], logps[1::2]], dim=1).double()
+        dist.all_reduce(table)
+        table = table[:len(pairs)]
+        results[f"eval/{name}/accuracy"] = float((table[:, 0] > table[:, 1]).double().mean())
+        results[f"eval/{name}/margin"] = float((table[:, 0] - table[:, 1]).mean())
+        results[f"eval/{name}/pairs"] = len(pairs)
+        if out_dir is not None:
+            with open(out_dir / f"eval_{name}.jsonl", "w") as f:
+                for pair, row in zip(pairs, table.tolist(), strict=True):
+                    f.write(json.dumps({"id": pair.id, "rewards/chosen": row[0],
+                                        "rewards/rejected": row[1], "logps/chosen": row[2],
+                                        "logps/rejected": row[3]}) + "\n")
+    engine.train()
+    return results

@@ -1,0 +1,33 @@
+"""Export the trained policy as a plain transformers model directory (`output_dir/hf/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Full parameters on rank 0, gathered one at a time so no rank holds two ZeRO-3 copies."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        for name, buf in module.named_buffers():
+            state[name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def export_hf(loaded, out_dir: Path, rank: int) -> None:
+    hf = loaded.model.hf
+    state = gather_state_dict(hf, rank)
+    if rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir), state_dict=state)
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    loaded.frames.save(out_dir)

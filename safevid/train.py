@@ -1,0 +1,251 @@
+"""`safevid train CONFIG [key=value ...]`: one process of a ZeRO-3 DPO run.
+
+Reads top to bottom: config -> process group -> data -> policy and frozen reference ->
+resume -> steps (a fixed number of pairs per step, split evenly over ranks) -> evaluation ->
+export. The launcher starts one such process per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from safevid.config import ConfigError, check_world_size, load_config, resolve_path, save_config
+from safevid.distributed import prepare_env
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    p = argparse.ArgumentParser(prog="safevid train", description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", default=None, help=f"YAML run config ({DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args = p.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `safevid train key=value` uses the default config
+        config, overrides = None, [config, *overrides]
+    return str(resolve_path(config or DEFAULT_CONFIG)), overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"safevid train: config error: {exc}", file=sys.stderr)
+        return 2
+    prepare_env()
+    try:
+        return train(cfg)
+    except (ConfigError, ValueError) as exc:
+        from safevid.data.stream import DataError
+
+        if not isinstance(exc, ConfigError | DataError):
+            raise
+        print(f"safevid train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(cfg) -> int:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from safevid import checkpoint, distributed
+    from safevid.data.stream import PairStream, Rejects, expand_shards
+    from safevid.demo_assets import ensure_demo_assets
+    from safevid.dpo import Batcher, evaluate, reduce_step_metrics, step_pairs
+    from safevid.export import export_hf
+    from safevid.losses import needs_reference, preference_loss
+    from safevid.metrics import MetricsLog
+    from safevid.models.llava_next_video import batch_inputs, freeze, load
+    from safevid.optim import build_optimizer, build_scheduler
+
+    # ---- config, process group, output directory -------------------------------------------
+    if cfg.demo.build:
+        ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
+    train_urls = expand_shards(cfg.data.shards, "data.shards")
+    eval_urls = expand_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    rank, world, _ = distributed.init()
+    micro_steps = check_world_size(cfg, world)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.model.dtype)
+    if dtype is None:  # auto
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16_ok else torch.float32
+
+    # ---- DeepSpeed config: ZeRO settings from the JSON, batch geometry from our config ----
+    ds = json.loads(resolve_path(cfg.train.deepspeed_config).read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_pairs,
+        gradient_accumulation_steps=micro_steps,
+        train_batch_size=cfg.train.pairs_per_step,
+        gradient_clipping=cfg.train.max_grad_norm,
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+        bf16={"enabled": dtype == torch.bfloat16},
+        fp16={"enabled": dtype == torch.float16},
+    )
+    ds.setdefault("wall_clock_breakdown", False)
+    ds_hf = HfDeepSpeedConfig(ds)  # noqa: F841  keeps from_pretrained partitioning under ZeRO-3
+
+    # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
+    torch.manual_seed(cfg.train.seed)
+    num_frames = _num_frames(train_urls[0])
+    load_args = dict(name_or_path=cfg.model.name_or_path, num_frames=num_frames, dtype=dtype,
+                     fused=cfg.train.fused_logprobs, attn_implementation=cfg.model.attn_implementation,
+                     trust_remote_code=cfg.model.trust_remote_code)
+    policy = load(**load_args)
+    freeze(policy.model, cfg.model.freeze_vision, cfg.model.freeze_projector)
+    if cfg.train.gradient_checkpointing:
+        policy.model.hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in policy.model.parameters() if p.requires_grad]
+    deepspeed.zero.register_external_parameter(policy.model.head, policy.model.hf.lm_head.weight)
+    engine, *_ = deepspeed.initialize(
+        model=policy.model, model_parameters=trainable, config=ds,
+        optimizer=build_optimizer(trainable, cfg.train, fused=device.type == "cuda"),
+        lr_scheduler=build_scheduler(cfg.train),
+    )
+    _write_partition_stats(engine, out / f"zero_partition_rank{rank}.json")
+    ref_engine = None
+    if needs_reference(cfg.loss.type):
+        ref = load(**load_args)
+        ref.model.requires_grad_(False)
+        deepspeed.zero.register_external_parameter(ref.model.head, ref.model.hf.lm_head.weight)
+        ref_engine, *_ = deepspeed.initialize(model=ref.model, config=ds)
+        ref_engine.eval()
+
+    # ---- resume ---------------------------------------------------------------------------
+    resumed = checkpoint.load(engine, ckpt_dir, rank)
+    start_step, position = resumed if resumed else (0, (0, 0))
+    if rank == 0 and resumed:
+        print(f"safevid: resuming from step {start_step} in {ckpt_dir}", file=sys.stderr)
+    rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
+    stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
+    batcher = Batcher(policy, cfg.data, device, dtype)
+    log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
+
+    def run_eval(step: int) -> dict:
+        sets = {"heldout": eval_urls, "train": train_urls}
+        return evaluate(engine, ref_engine, batcher, sets, cfg, rank, world,
+                        out if rank == 0 and step == cfg.train.max_steps else None)
+
+    # ---- training steps -------------------------------------------------------------------
+    engine.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc="dpo",
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        mine = step_pairs(stream, cfg.train.pairs_per_step, rank, world)
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(0, len(mine), cfg.train.micro_batch_pairs):
+            batch = batcher(mine[i:i + cfg.train.micro_batch_pairs])
+            logps, lengths = engine(**batch_inputs(batch))
+            ref_logps = None
+            if ref_engine is not None:
+                with torch.no_grad():
+                    ref_logps, _ = ref_engine(**batch_inputs(batch))
+            losses, chosen_r, rejected_r = preference_loss(
+                logps[0::2], logps[1::2],
+                None if ref_logps is None else ref_logps[0::2],
+                None if ref_logps is None else ref_logps[1::2],
+                loss_type=cfg.loss.type, beta=cfg.loss.beta,
+                label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
+                chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
+                nll_weight=cfg.loss.nll_weight,
+            )
+            # Mean over this micro-batch; DeepSpeed divides by the micro-steps and averages over
+            # ranks, so the gradient is that of the mean over all of the step's pairs.
+            engine.backward(losses.mean())
+            engine.step()
+            for key, value in {
+                "loss": losses, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                "rewards/accuracy": (chosen_r > rejected_r).float(),
+                "rewards/margin": chosen_r - rejected_r,
+                "logps/chosen": logps[0::2], "logps/rejected": logps[1::2],
+            }.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
+            sums["tokens"] = sums.get("tokens", 0.0) + torch.tensor(float(batch.tokens))
+        record = reduce_step_metrics(sums, cfg.train.pairs_per_step, device)
+        elapsed = time.perf_counter() - t0
+        grad_norm = engine.get_global_grad_norm()
+        record.update(
+            step=step, lr=engine.get_lr()[0], pairs=cfg.train.pairs_per_step,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            tokens_per_s=record["tokens"] / elapsed, elapsed_s=time.perf_counter() - t_start,
+        )
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
+            record.update(run_eval(step))
+        if step == cfg.train.max_steps:
+            record.update(run_eval(step))
+        if rank == 0:
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
+            bar.update(1)
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
+            checkpoint.save(engine, ckpt_dir, step, stream.position, rank, cfg.train.keep_checkpoints)
+    bar.close()
+
+    # ---- export and summary ---------------------------------------------------------------
+    if cfg.train.export_hf:
+        export_hf(policy, out / "hf", rank)
+    if rank == 0:
+        _summary(out, rejects.count)
+    dist.barrier()
+    return 0
+
+
+def _write_partition_stats(engine, path: Path) -> None:
+    """What this rank holds of the policy: evidence that ZeRO-3 really partitions."""
+    params = list(engine.module.parameters())
+    stats = {
+        "stage": engine.zero_optimization_stage(),
+        "total_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "local_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                           for p in params),
+        "resident_numel": sum(p.data.numel() for p in params),
+    }
+    path.write_text(json.dumps(stats))
+
+
+def _num_frames(url: str) -> int:
+    """Frames per video, read from the shard index (or the first sample)."""
+    index = Path(url).parent / "index.json"
+    if index.is_file():
+        return int(json.loads(index.read_text())["frames"]["num_frames"])
+    from safevid.data.stream import Rejects, iter_videos
+
+    return len(next(iter_videos([url], Rejects(None))).jpegs)
+
+
+def _summary(out: Path, rejected: int) -> None:
+    from safevid.metrics import read_metrics
+
+    rows = read_metrics(out)
+    last = rows[-1]
+    summary = {
+        "steps": last["step"],
+        "final_loss": last["loss"],
+        "train_accuracy": last.get("eval/train/accuracy"),
+        "heldout_accuracy": last.get("eval/heldout/accuracy"),
+        "elapsed_s": last["elapsed_s"],
+        "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+        "rejected_samples": rejected,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), file=sys.stderr)

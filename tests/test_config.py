@@ -1,0 +1,58 @@
+"""Config errors name the key and exit non-zero, through the real `safevid train` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from safevid.config import ConfigError, check_world_size, load_config
+from tests.conftest import DEMO_CONFIG, REPO, child_env
+
+
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safevid", "train", DEMO_CONFIG, *overrides],
+                          capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_stepz=3", "train.max_stepz"),  # unknown key
+        ("train.max_steps=three", "train.max_steps"),  # wrong type
+        ("loss.type=dpo-ish", "loss.type"),  # not one of the loss family
+        ("train.fused_logprobs=maybe", "train.fused_logprobs"),
+    ],
+)
+def test_bad_override_names_key(override, expected):
+    proc = _train(override)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "config error" in proc.stderr, proc.stderr
+
+
+def test_missing_shard_path(tmp_path):
+    missing = tmp_path / "nowhere" / "train-000000.tar"
+    proc = _train("demo.build=false", f"data.shards={missing}", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "data.shards" in proc.stderr and str(missing) in proc.stderr, proc.stderr
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n  warmup: 2\n")
+    with pytest.raises(ConfigError, match="train.warmup"):
+        load_config(bad)
+
+
+def test_overrides_and_interpolation():
+    cfg = load_config(DEMO_CONFIG, ["demo.assets_dir=/x", "train.max_steps=7", "data.packing=false"])
+    assert cfg.train.max_steps == 7 and cfg.data.packing is False
+    assert cfg.model.name_or_path == "/x/model" and cfg.data.shards == "/x/shards/train-*.tar"
+
+
+def test_pairs_must_split_evenly_over_ranks():
+    cfg = load_config(DEMO_CONFIG, ["train.pairs_per_step=12", "train.micro_batch_pairs=4"])
+    assert check_world_size(cfg, 1) == 3
+    with pytest.raises(ConfigError, match="train.pairs_per_step"):
+        check_world_size(cfg, 2)
