@@ -44,6 +44,7 @@ setup(
         "pillow>=10",
         "omegaconf>=2.3,<2.5",
         "pyyaml>=6",
+        "jsonschema>=4",
         "tqdm>=4.60",
         "numpy>=1.26",
         "matplotlib>=3.8",

@@ -199,12 +199,13 @@ class ResponseCache:
         self.db.close()
 
 
-def request_key(model: str, messages: list[dict], schema: dict | None, params: dict) -> str:
+def request_key(model: str, messages: list[dict], schema: dict | None, params: dict,
+                schema_name: str = "result") -> str:
     """Cache key of a logical request. The transport (URL, key, structured-output mode) is left
     out on purpose: the same request to another replica of the same model is the same work."""
     blob = json.dumps(
         {"v": CACHE_FORMAT, "model": model, "messages": messages, "schema": schema,
-         "params": params},
+         "schema_name": schema_name if schema is not None else None, "params": params},
         sort_keys=True, ensure_ascii=False, separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -350,7 +351,8 @@ class LLMClient:
         """
         model = model or self.model
         self.stats.calls += 1
-        key = request_key(model, messages, schema, params) if self.cache is not None else ""
+        key = (request_key(model, messages, schema, params, schema_name)
+               if self.cache is not None else "")
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
