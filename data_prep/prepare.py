@@ -15,10 +15,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from safevid.data_prep.frames import VideoError, read_frames
 from safevid.data_prep.shards import PAIR_FIELDS, REJECTS_FILE, ShardSet, write_index
+from tqdm import tqdm
 
 PAIR_KEEP = ("id", "prompt", "chosen", "rejected", "category", "query_type", "provenance")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 from safevid.launcher.local import launch_command
@@ -11,8 +10,10 @@ from safevid.launcher.local import launch_command
 
 def main(argv: list[str]) -> int:
     cmd, env = launch_command(argv)
-    # A new process group, so that a signal to the launcher reaches every rank.
-    return subprocess.call(cmd, env=env) if os.name != "posix" else os.execvpe(cmd[0], cmd, env)
+    # Replace this process with the DeepSpeed runner, so that Slurm's and the user's signals
+    # reach it (and through it every rank) directly.
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tests.conftest import REPO, child_env, losses, run_train, train_command
 
 # The short runs for equivalence checks: constant schedule, checkpoints every 2 steps.
 SHORT = ("train.max_steps=6", "train.save_every=2", "train.eval_every=0", "train.export_hf=false",
-         "train.warmup_steps=0", "data.eval_shards=null")
+         "train.warmup_steps=0", "train.lr_schedule=constant", "data.eval_shards=null")
 # fp32 on CPU; reductions in a different order (2 ranks, other packing) differ by rounding only.
 TOL = 1e-5
 
@@ -71,9 +71,14 @@ def test_learning_loss_down_accuracy_up(long_run):
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.1, (first, last)
-    acc_first = sum(r["rewards/accuracy"] for r in rows[1:6]) / 5
-    acc_last = sum(r["rewards/accuracy"] for r in rows[-5:]) / 5
-    assert acc_last > acc_first + 0.2, (acc_first, acc_last)
+    # Policy equals reference at step 1: every reward is 0, so no pair counts as ranked right.
+    assert rows[0]["rewards/accuracy"] == 0.0
+    assert sum(r["rewards/accuracy"] for r in rows[-5:]) / 5 >= 0.9
+    # The demo pairs are separable enough that one step already orders most of them; the margin
+    # shows the learning that continues after that.
+    early = sum(r["rewards/margin"] for r in rows[1:6]) / 5
+    late = sum(r["rewards/margin"] for r in rows[-5:]) / 5
+    assert late > 2 * early > 0, (early, late)
     summary = json.loads((long_run / "summary.json").read_text())
     assert summary["heldout_accuracy"] > 0.6, summary
     assert (long_run / "config.yaml").is_file()
@@ -100,6 +105,13 @@ def test_fused_matches_plain_logprobs(short_w1, demo_assets, tmp_path):
 def test_packed_matches_unpacked(short_w1, demo_assets, tmp_path):
     out = tmp_path / "unpacked"
     run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=3", "data.packing=false"))
+    assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
+
+
+def test_gradient_checkpointing_matches(short_w1, demo_assets, tmp_path):
+    out = tmp_path / "ckpt"
+    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=3",
+                                                "train.gradient_checkpointing=true"))
     assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
 
 
@@ -147,6 +159,16 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
     class Video:
         token_id = model.config.video_token_index
         count = 4 * video_tokens_per_frame(model.config)
+
+    # Frozen parts (vision tower, projector) are as built; the language model has trained.
+    initial = LlavaNextVideoForConditionalGeneration.from_pretrained(demo_assets / "model")
+    before, after = initial.state_dict(), model.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in after.items():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            assert torch.equal(tensor, before[name]), f"frozen {name} changed"
+        elif "language_model" in name or "lm_head" in name:
+            assert not torch.equal(tensor, before[name]), f"trainable {name} did not change"
 
     for pair in pairs:
         enc = encode_pair(pair, tok, Video, 128)
