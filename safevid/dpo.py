@@ -38,6 +38,39 @@ def step_pairs(stream: PairStream, pairs_per_step: int, rank: int, world: int) -
     return pairs[rank * share:(rank + 1) * share]
 
 
+class StepPrefetcher:
+    """Prepares the next step's pairs (tar reads, JPEG decoding) while the current one trains.
+
+    Each step comes with the stream position after it, so a checkpoint records where the
+    trained steps end, not how far the prefetching has read.
+    """
+
+    def __init__(self, stream: PairStream, pairs_per_step: int, rank: int, world: int,
+                 decode_threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.args = (stream, pairs_per_step, rank, world)
+        self.decoder = ThreadPoolExecutor(max(1, decode_threads))
+        self.loader = ThreadPoolExecutor(1)
+        self.pending = self.loader.submit(self._load)
+
+    def _load(self) -> tuple[list[Pair], tuple[int, int]]:
+        stream = self.args[0]
+        pairs = step_pairs(*self.args)
+        videos = {id(p.video): p.video for p in pairs}
+        list(self.decoder.map(lambda v: v.frames(), videos.values()))
+        return pairs, stream.position
+
+    def next(self) -> tuple[list[Pair], tuple[int, int]]:
+        pairs, position = self.pending.result()
+        self.pending = self.loader.submit(self._load)
+        return pairs, position
+
+    def close(self) -> None:
+        self.loader.shutdown(wait=True, cancel_futures=True)
+        self.decoder.shutdown(wait=True)
+
+
 def reduce_step_metrics(sums: dict, pairs_per_step: int, device: torch.device) -> dict:
     """Sum over ranks, then per-pair means (tokens stay a total)."""
     vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in STEP_KEYS]).to(device)

@@ -60,7 +60,7 @@ def train(cfg) -> int:
     from safevid import checkpoint, distributed
     from safevid.data.stream import PairStream, Rejects, expand_shards
     from safevid.demo_assets import ensure_demo_assets
-    from safevid.dpo import Batcher, evaluate, reduce_step_metrics, step_pairs
+    from safevid.dpo import Batcher, StepPrefetcher, evaluate, reduce_step_metrics
     from safevid.export import export_hf
     from safevid.losses import needs_reference, preference_loss
     from safevid.metrics import MetricsLog
@@ -136,6 +136,7 @@ def train(cfg) -> int:
         print(f"safevid: resuming from step {start_step} in {ckpt_dir}", file=sys.stderr)
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
+    prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world, cfg.data.decode_threads)
     batcher = Batcher(policy, cfg.data, device, dtype)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
 
@@ -151,7 +152,7 @@ def train(cfg) -> int:
     t_start = time.perf_counter()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        mine = step_pairs(stream, cfg.train.pairs_per_step, rank, world)
+        mine, position = prefetch.next()
         sums: dict[str, torch.Tensor] = {}
         for i in range(0, len(mine), cfg.train.micro_batch_pairs):
             batch = batcher(mine[i:i + cfg.train.micro_batch_pairs])
@@ -198,8 +199,9 @@ def train(cfg) -> int:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
             bar.update(1)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, stream.position, rank, cfg.train.keep_checkpoints)
+            checkpoint.save(engine, ckpt_dir, step, position, rank, cfg.train.keep_checkpoints)
     bar.close()
+    prefetch.close()
 
     # ---- export and summary ---------------------------------------------------------------
     if cfg.train.export_hf:
