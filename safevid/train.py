@@ -129,6 +129,14 @@ def train(cfg) -> int:
         ref_engine, *_ = deepspeed.initialize(model=ref.model, config=ds)
         ref_engine.eval()
 
+    if rank == 0:
+        ref_desc = cfg.model.name_or_path if ref_engine is not None else f"none ({cfg.loss.type})"
+        print(f"safevid: policy {cfg.model.name_or_path}, reference: {ref_desc}, world {world}, "
+              f"{str(dtype).removeprefix('torch.')}, {cfg.train.pairs_per_step} pairs/step in "
+              f"{micro_steps} micro-steps of {cfg.train.micro_batch_pairs} per rank, "
+              f"{'fused' if cfg.train.fused_logprobs else 'plain'} log-probs, "
+              f"packing {'on' if cfg.data.packing else 'off'}", file=sys.stderr)
+
     # ---- resume ---------------------------------------------------------------------------
     resumed = checkpoint.load(engine, ckpt_dir, rank)
     start_step, position = resumed if resumed else (0, (0, 0))

@@ -115,6 +115,15 @@ def test_gradient_checkpointing_matches(short_w1, demo_assets, tmp_path):
     assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
 
 
+def test_simpo_builds_no_reference(demo_assets, tmp_path):
+    out = tmp_path / "simpo"
+    proc = run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=4",
+                                                       "loss.type=simpo", "loss.beta=2.0"))
+    assert "reference: none (simpo)" in proc.stderr
+    values = losses(out)
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0]
+
+
 def test_kill_and_resume_reproduces_run(short_w2, demo_assets, tmp_path):
     out = tmp_path / "resumed"
     overrides = [f"output_dir={out}", f"demo.assets_dir={demo_assets}", *SHORT]
