@@ -143,6 +143,8 @@ def validate(cfg: Config) -> None:
         (cfg.loss.type in LOSS_TYPES, "loss.type", f"must be one of {', '.join(LOSS_TYPES)}"),
         (cfg.loss.beta > 0, "loss.beta", "must be > 0"),
         (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)"),
+        (cfg.loss.label_smoothing == 0.0 or cfg.loss.type not in ("ipo", "hinge"),
+         "loss.label_smoothing", f"must be 0 with loss.type={cfg.loss.type}"),
         (cfg.model.family in ("llava_next_video",), "model.family",
          "must be llava_next_video"),
         (cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype",

@@ -23,6 +23,7 @@ def _train(*overrides: str) -> subprocess.CompletedProcess:
         ("train.max_steps=three", "train.max_steps"),  # wrong type
         ("loss.type=dpo-ish", "loss.type"),  # not one of the loss family
         ("train.fused_logprobs=maybe", "train.fused_logprobs"),
+        ("loss.label_smoothing=0.7", "loss.label_smoothing"),
     ],
 )
 def test_bad_override_names_key(override, expected):
@@ -49,6 +50,12 @@ def test_overrides_and_interpolation():
     cfg = load_config(DEMO_CONFIG, ["demo.assets_dir=/x", "train.max_steps=7", "data.packing=false"])
     assert cfg.train.max_steps == 7 and cfg.data.packing is False
     assert cfg.model.name_or_path == "/x/model" and cfg.data.shards == "/x/shards/train-*.tar"
+
+
+def test_label_smoothing_only_for_losses_that_use_it():
+    with pytest.raises(ConfigError, match="loss.label_smoothing"):
+        load_config(DEMO_CONFIG, ["loss.type=ipo", "loss.label_smoothing=0.1"])
+    assert load_config(DEMO_CONFIG, ["loss.type=cdpo", "loss.label_smoothing=0.1"])
 
 
 def test_pairs_must_split_evenly_over_ranks():
