@@ -36,7 +36,7 @@ def launch_command(train_args: list[str], nproc: int | None = None) -> tuple[lis
     port = os.environ.get("MASTER_PORT") or str(free_port())
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nproc), "--master_port", port, "--no_local_rank",
+        "--num_gpus", str(nproc), "--master_port", port, "--no_local_rank", "--log_level=warning",
         "--module", "safevid", "train", *train_args,
     ]
     return cmd, launch_env(nproc)

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg) -> int:
+    import warnings
+
+    # DeepSpeed calls collectives that torch has renamed; the notice says nothing to a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     import torch
     import torch.distributed as dist
