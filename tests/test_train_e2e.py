@@ -192,6 +192,22 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
             assert logp == pytest.approx(recorded[pair.id][key], abs=1e-3, rel=1e-4)
 
 
+def test_slurm_script_builds_missing_assets_once(tmp_path):
+    # Both ranks find the assets missing and start building at the same moment; the lock lets
+    # one build while the other waits, and neither sees a half-built directory.
+    assets, out = tmp_path / "fresh-assets", tmp_path / "run"
+    env = {**child_env(), "NPROC_PER_NODE": "2"}
+    proc = subprocess.run(
+        ["bash", "slurm/train_dpo.sh", "configs/demo.yaml", f"output_dir={out}",
+         f"demo.assets_dir={assets}", "train.max_steps=2", "train.eval_every=0",
+         "train.export_hf=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert (assets / "COMPLETE").is_file()
+    assert not list(tmp_path.glob(".fresh-assets.tmp-*")), "a half-built copy was left behind"
+
+
 def test_plot_writes_png(long_run):
     proc = subprocess.run([os.sys.executable, "-m", "safevid", "plot", str(long_run)],
                           capture_output=True, text=True, env=child_env())
