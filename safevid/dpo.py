@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from safevid.data.collate import MicroBatch, collate, encode_pair
 from safevid.data.stream import Pair, PairStream, Rejects, read_all_pairs
+from safevid.losses import preference_loss
 from safevid.models.llava_next_video import LoadedModel, batch_inputs
 
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
@@ -29,6 +30,20 @@ class Batcher:
         batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id,
                         self.cfg.packing, self.cfg.max_tokens_per_row)
         return batch.to(self.device, self.dtype)
+
+
+def pair_losses(loss_cfg, logps: torch.Tensor, lengths: torch.Tensor,
+                ref_logps: torch.Tensor | None):
+    """`preference_loss` on interleaved sequences (2i chosen, 2i+1 rejected) with the config's
+    settings; returns (losses, chosen rewards, rejected rewards), one value per pair."""
+    return preference_loss(
+        logps[0::2], logps[1::2],
+        None if ref_logps is None else ref_logps[0::2],
+        None if ref_logps is None else ref_logps[1::2],
+        loss_type=loss_cfg.type, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+        simpo_gamma=loss_cfg.simpo_gamma, chosen_lengths=lengths[0::2],
+        rejected_lengths=lengths[1::2], nll_weight=loss_cfg.nll_weight,
+    )
 
 
 def step_pairs(stream: PairStream, pairs_per_step: int, rank: int, world: int) -> list[Pair]:
@@ -88,8 +103,6 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
     Each rank runs the same number of forwards (the pair list is padded with repeats that are
     dropped afterwards): under ZeRO-3 an unequal count would deadlock the parameter gathers.
     """
-    from safevid.losses import preference_loss
-
     engine.eval()
     m = cfg.train.micro_batch_pairs
     results: dict[str, float] = {}
@@ -106,13 +119,7 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
             batch = batcher(padded[start:start + m])
             logps, lengths = engine(**batch_inputs(batch))
             ref = ref_engine(**batch_inputs(batch))[0] if ref_engine is not None else None
-            _, chosen_r, rejected_r = preference_loss(
-                logps[0::2], logps[1::2],
-                None if ref is None else ref[0::2], None if ref is None else ref[1::2],
-                loss_type=cfg.loss.type, beta=cfg.loss.beta,
-                label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
-                chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
-            )
+            _, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref)
             table[start:start + m] = torch.stack(
                 [chosen_r, rejected_r, logps[0::2], logps[1::2]], dim=1).double()
         dist.all_reduce(table)

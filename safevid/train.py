@@ -64,9 +64,9 @@ def train(cfg) -> int:
     from safevid import checkpoint, distributed
     from safevid.data.stream import PairStream, Rejects, expand_shards
     from safevid.demo_assets import ensure_demo_assets
-    from safevid.dpo import Batcher, StepPrefetcher, evaluate, reduce_step_metrics
+    from safevid.dpo import Batcher, StepPrefetcher, evaluate, pair_losses, reduce_step_metrics
     from safevid.export import export_hf
-    from safevid.losses import needs_reference, preference_loss
+    from safevid.losses import needs_reference
     from safevid.metrics import MetricsLog
     from safevid.models.llava_next_video import batch_inputs, freeze, load
     from safevid.optim import build_optimizer, build_scheduler
@@ -173,15 +173,7 @@ def train(cfg) -> int:
             if ref_engine is not None:
                 with torch.no_grad():
                     ref_logps, _ = ref_engine(**batch_inputs(batch))
-            losses, chosen_r, rejected_r = preference_loss(
-                logps[0::2], logps[1::2],
-                None if ref_logps is None else ref_logps[0::2],
-                None if ref_logps is None else ref_logps[1::2],
-                loss_type=cfg.loss.type, beta=cfg.loss.beta,
-                label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
-                chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
-                nll_weight=cfg.loss.nll_weight,
-            )
+            losses, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref_logps)
             # Mean over this micro-batch; DeepSpeed divides by the micro-steps and averages over
             # ranks, so the gradient is that of the mean over all of the step's pairs.
             engine.backward(losses.mean())
