@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from safevid.data.collate import MicroBatch, collate, encode_pair
-from safevid.data.stream import Pair, PairStream, Rejects, read_all_pairs
+from safevid.data.stream import Pair, PairStream, Rejects, Video, read_all_pairs
 from safevid.losses import preference_loss
 from safevid.models.llava_next_video import LoadedModel, batch_inputs
 
@@ -61,24 +61,37 @@ class StepPrefetcher:
     """
 
     def __init__(self, stream: PairStream, pairs_per_step: int, rank: int, world: int,
-                 decode_threads: int):
+                 decode_threads: int, rejects: Rejects, steps: int):
         from concurrent.futures import ThreadPoolExecutor
 
         self.args = (stream, pairs_per_step, rank, world)
+        self.rejects, self.remaining = rejects, steps
         self.decoder = ThreadPoolExecutor(max(1, decode_threads))
         self.loader = ThreadPoolExecutor(1)
-        self.pending = self.loader.submit(self._load)
+        self.pending = self._submit()
+
+    def _submit(self):
+        # Only the steps that will run: reading further would reject pairs nobody trains on.
+        self.remaining -= 1
+        return self.loader.submit(self._load) if self.remaining >= 0 else None
 
     def _load(self) -> tuple[list[Pair], tuple[int, int]]:
         stream = self.args[0]
         pairs = step_pairs(*self.args)
-        videos = {id(p.video): p.video for p in pairs}
-        list(self.decoder.map(lambda v: v.frames(), videos.values()))
+        videos = list({id(p.video): p.video for p in pairs}.values())
+        errors = dict(zip(map(id, videos), self.decoder.map(Video.decode_error, videos),
+                          strict=True))
+        # A pair whose frames do not decode keeps its slot (every rank runs the same number of
+        # forwards) but is rejected and weighs nothing in the step's loss.
+        for pair in pairs:
+            if errors[id(pair.video)] is not None:
+                pair.valid = False
+                self.rejects.add(f"{pair.video.key}/{pair.id}", errors[id(pair.video)])
         return pairs, stream.position
 
     def next(self) -> tuple[list[Pair], tuple[int, int]]:
         pairs, position = self.pending.result()
-        self.pending = self.loader.submit(self._load)
+        self.pending = self._submit()
         return pairs, position
 
     def close(self) -> None:
@@ -86,11 +99,18 @@ class StepPrefetcher:
         self.decoder.shutdown(wait=True)
 
 
-def reduce_step_metrics(sums: dict, pairs_per_step: int, device: torch.device) -> dict:
-    """Sum over ranks, then per-pair means (tokens stay a total)."""
+def count_valid(pairs: list[Pair], device: torch.device) -> int:
+    """Usable pairs in this step over all ranks: the denominator of the step's mean loss."""
+    n = torch.tensor([float(sum(p.valid for p in pairs))], dtype=torch.float64, device=device)
+    dist.all_reduce(n)
+    return int(n.item())
+
+
+def reduce_step_metrics(sums: dict, valid_pairs: int, device: torch.device) -> dict:
+    """Sum over ranks, then means over the step's valid pairs (tokens stay a total)."""
     vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in STEP_KEYS]).to(device)
     dist.all_reduce(vec)
-    out = {k: float(v) / pairs_per_step for k, v in zip(STEP_KEYS, vec.tolist(), strict=True)}
+    out = {k: float(v) / max(valid_pairs, 1) for k, v in zip(STEP_KEYS, vec.tolist(), strict=True)}
     out["tokens"] = int(vec[-1].item())
     return out
 
@@ -109,14 +129,27 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
     for name, urls in sets.items():
         if not urls:
             continue
-        pairs = read_all_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
+        report = Rejects(None)
+        usable = []
+        # Decoding is deterministic, so every rank drops the same pairs here.
+        for pair in read_all_pairs(urls, cfg.data.eval_max_pairs, report):
+            error = pair.video.decode_error()
+            pair.video.release()
+            if error is None:
+                usable.append(pair)
+            else:
+                report.add(f"{pair.video.key}/{pair.id}", error)
+        pairs = usable
         if not pairs:
             continue
         per_rank = math.ceil(len(pairs) / (world * m)) * m
         padded = pairs + [pairs[0]] * (per_rank * world - len(pairs))
         table = torch.zeros(len(padded), 4, dtype=torch.float64, device=batcher.device)
         for start in range(rank * per_rank, (rank + 1) * per_rank, m):
-            batch = batcher(padded[start:start + m])
+            chunk = padded[start:start + m]
+            batch = batcher(chunk)
+            for pair in chunk:
+                pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))
             ref = ref_engine(**batch_inputs(batch))[0] if ref_engine is not None else None
             _, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref)

@@ -64,7 +64,7 @@ def train(cfg) -> int:
     from safevid import checkpoint, distributed
     from safevid.data.stream import PairStream, Rejects, expand_shards
     from safevid.demo_assets import ensure_demo_assets
-    from safevid.dpo import Batcher, StepPrefetcher, evaluate, pair_losses, reduce_step_metrics
+    from safevid.dpo import Batcher, StepPrefetcher, count_valid, evaluate, pair_losses, reduce_step_metrics
     from safevid.export import export_hf
     from safevid.losses import needs_reference
     from safevid.metrics import MetricsLog
@@ -148,7 +148,10 @@ def train(cfg) -> int:
         print(f"safevid: resuming from step {start_step} in {ckpt_dir}", file=sys.stderr)
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
-    prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world, cfg.data.decode_threads)
+    # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
+    prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world,
+                              cfg.data.decode_threads, Rejects(out / "rejects.jsonl"),
+                              steps=cfg.train.max_steps - start_step)
     batcher = Batcher(policy, cfg.data, device, dtype)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
 
@@ -165,18 +168,25 @@ def train(cfg) -> int:
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         mine, position = prefetch.next()
+        valid = count_valid(mine, device)
+        # Sum over this micro-batch's valid pairs x micro-steps x ranks / valid pairs: DeepSpeed
+        # divides by the micro-steps and averages over ranks, so the gradient is that of the
+        # mean over all of the step's valid pairs (with all valid: the micro-batch mean).
+        scale = micro_steps * world / max(valid, 1)
         sums: dict[str, torch.Tensor] = {}
         for i in range(0, len(mine), cfg.train.micro_batch_pairs):
-            batch = batcher(mine[i:i + cfg.train.micro_batch_pairs])
+            chunk = mine[i:i + cfg.train.micro_batch_pairs]
+            weight = torch.tensor([float(p.valid) for p in chunk], device=device)
+            batch = batcher(chunk)
+            for pair in chunk:
+                pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))
             ref_logps = None
             if ref_engine is not None:
                 with torch.no_grad():
                     ref_logps, _ = ref_engine(**batch_inputs(batch))
             losses, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref_logps)
-            # Mean over this micro-batch; DeepSpeed divides by the micro-steps and averages over
-            # ranks, so the gradient is that of the mean over all of the step's pairs.
-            engine.backward(losses.mean())
+            engine.backward((losses * weight).sum() * scale)
             engine.step()
             for key, value in {
                 "loss": losses, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
@@ -184,13 +194,13 @@ def train(cfg) -> int:
                 "rewards/margin": chosen_r - rejected_r,
                 "logps/chosen": logps[0::2], "logps/rejected": logps[1::2],
             }.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
+                sums[key] = sums.get(key, 0.0) + (value.detach().float() * weight).sum()
             sums["tokens"] = sums.get("tokens", 0.0) + torch.tensor(float(batch.tokens))
-        record = reduce_step_metrics(sums, cfg.train.pairs_per_step, device)
+        record = reduce_step_metrics(sums, valid, device)
         elapsed = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
         record.update(
-            step=step, lr=engine.get_lr()[0], pairs=cfg.train.pairs_per_step,
+            step=step, lr=engine.get_lr()[0], pairs=valid,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             tokens_per_s=record["tokens"] / elapsed, elapsed_s=time.perf_counter() - t_start,
         )

@@ -192,6 +192,40 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
             assert logp == pytest.approx(recorded[pair.id][key], abs=1e-3, rel=1e-4)
 
 
+def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path):
+    import io
+    import tarfile
+
+    good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
+    bad = tmp_path / "corrupt-000000.tar"
+    pairs = [{"id": f"corrupt-{i}", "prompt": f"What happens next in clip {i}?",
+              "chosen": "I can describe it safely.", "rejected": "Sure, here it is."}
+             for i in range(4)]
+    members = {"corrupt.json": json.dumps({"id": "corrupt", "pairs": pairs}).encode()}
+    members.update({f"corrupt.{i:03d}.jpg": b"\xff\xd8 not a jpeg" for i in range(4)})
+    with tarfile.open(bad, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    n_good = sum(len(json.loads(tarfile.open(good).extractfile(m).read())["pairs"])
+                 for m in tarfile.open(good).getmembers() if m.name.endswith(".json"))
+    out = tmp_path / "run"
+    steps = -(-(n_good + 4) // 16)  # enough steps to read the whole first epoch
+    run_train(out, demo_assets, world=1, extra=(
+        *SHORT, f"train.max_steps={steps}", f"data.shards={good},{bad}",
+        "data.shuffle_buffer=1000"))
+    rows = _rows(out)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    # Each corrupt pair is reported once, by name, however many epochs meet it again.
+    assert sorted(r["source"] for r in rejects) == [f"corrupt/corrupt-{i}" for i in range(4)]
+    assert all(r["reason"] == "undecodable frames (frame 0 of 4: UnidentifiedImageError)"
+               for r in rejects)
+    # Every step is the mean over its usable pairs; the corrupt ones count nowhere.
+    assert sum(16 - r["pairs"] for r in rows) >= 4
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
 def test_slurm_script_builds_missing_assets_once(tmp_path):
     # Both ranks find the assets missing and start building at the same moment; the lock lets
     # one build while the other waits, and neither sees a half-built directory.

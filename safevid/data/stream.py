@@ -30,13 +30,41 @@ class Video:
     key: str
     meta: dict
     jpegs: list[bytes]
+    error: str | None = None  # set once decoding has failed
     _frames: np.ndarray | None = field(default=None, repr=False)
 
     def frames(self) -> np.ndarray:
-        """uint8 [F, H, W, 3], decoded once per video however many pairs use it."""
+        """uint8 [F, H, W, 3], decoded once while in use (see `release`).
+
+        After a failed decode: blank frames, so that a batch keeps its shape while the pairs
+        of this video are weighted 0.
+        """
         if self._frames is None:
-            self._frames = np.stack([decode_jpeg(b) for b in self.jpegs])
+            if self.error is not None:
+                return np.zeros((len(self.jpegs), 16, 16, 3), np.uint8)
+            frames = []
+            for i, data in enumerate(self.jpegs):
+                try:
+                    frames.append(decode_jpeg(data))
+                except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError
+                    # Name the frame, not PIL's message: it embeds an object address, and the
+                    # same failure must read the same each epoch.
+                    raise ValueError(f"frame {i} of {len(self.jpegs)}: {type(exc).__name__}") from exc
+            self._frames = np.stack(frames)
         return self._frames
+
+    def decode_error(self) -> str | None:
+        """Decode now; return why it failed, or None."""
+        if self.error is None:
+            try:
+                self.frames()
+            except ValueError as exc:
+                self.error = f"undecodable frames ({exc})"
+        return self.error
+
+    def release(self) -> None:
+        """Drop decoded frames: the video's other pairs may wait long in the shuffle buffer."""
+        self._frames = None
 
 
 @dataclass
@@ -48,6 +76,7 @@ class Pair:
     video: Video
     category: str = ""
     query_type: str = ""
+    valid: bool = True  # False when its video's frames cannot be decoded: weight 0 in the loss
 
 
 def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
