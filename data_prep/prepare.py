@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safevid.data_prep.frames import VideoError, read_frames
+from safevid.data_prep.rejects import Rejects
 from safevid.data_prep.shards import PAIR_FIELDS, REJECTS_FILE, ShardSet, write_index
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ def _video_path(videos_dir: Path, pair: dict) -> Path | None:
     return None
 
 
-def read_pairs(path: Path, rejects: list[dict]) -> list[dict]:
+def read_pairs(path: Path, rejects: Rejects) -> list[dict]:
     """Pairs from a JSONL file; malformed lines are rejected with their line number."""
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -41,12 +42,12 @@ def read_pairs(path: Path, rejects: list[dict]) -> list[dict]:
         try:
             pair = json.loads(line)
         except json.JSONDecodeError as exc:
-            rejects.append({"source": source, "reason": f"invalid JSON: {exc}"})
+            rejects.add(source, f"invalid JSON: {exc}")
             continue
         missing = [k for k in PAIR_FIELDS if not isinstance(pair.get(k), str) or not pair[k]]
         if missing or not (pair.get("video") or pair.get("video_id")):
             reason = f"missing fields: {missing or ['video or video_id']}"
-            rejects.append({"source": source, "id": pair.get("id"), "reason": reason})
+            rejects.add(source, reason, id=pair.get("id"))
             continue
         pair["_source"] = source
         pairs.append(pair)
@@ -54,10 +55,11 @@ def read_pairs(path: Path, rejects: list[dict]) -> list[dict]:
 
 
 def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frames: int, size: int,
-                   videos_per_shard: int = 64, workers: int = 2, rejects: list[dict] | None = None,
-                   inputs: int | None = None, progress: bool = True) -> dict:
-    rejects = [] if rejects is None else rejects
-    inputs = len(pairs) + len(rejects) if inputs is None else inputs
+                   videos_per_shard: int = 64, workers: int = 2, rejects: Rejects | None = None,
+                   progress: bool = True) -> dict:
+    """Write the shards; `rejects` may already hold inputs rejected while reading the pairs."""
+    rejects = Rejects(out_dir / REJECTS_FILE, fresh=True) if rejects is None else rejects
+    inputs = len(pairs) + rejects.count
     by_video: dict[Path, list[dict]] = defaultdict(list)
     for pair in pairs:
         by_video[_video_path(videos_dir, pair)].append(pair)
@@ -78,9 +80,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             group = by_video[path]
             if error is not None:
                 for pair in group:
-                    rejects.append({"source": pair["_source"], "id": pair["id"],
-                                    "reason": f"video {path}: {error}"})
-                print(f"safevid prepare: skipping {path}: {error}", file=sys.stderr)
+                    rejects.add(pair["_source"], f"video {path}: {error}", id=pair["id"])
                 continue
             splits: dict[str, list[dict]] = defaultdict(list)
             for pair in group:
@@ -91,11 +91,8 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
                 meta = {"source": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir)
                         else str(path), "num_frames": num_frames}
                 sets[split].add(path.stem, sampled, meta, split_pairs)
-    with open(out_dir / REJECTS_FILE, "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
     frames = {"num_frames": num_frames, "size": size, "format": "jpeg", "sampler": "uniform-centre"}
-    index = write_index(out_dir, frames, {k: s.close() for k, s in sets.items()}, len(rejects), inputs)
+    index = write_index(out_dir, frames, {k: s.close() for k, s in sets.items()}, rejects.count, inputs)
     assert index["totals"]["pairs"] + index["totals"]["rejected"] == inputs, "pairs lost"
     return index
 
@@ -115,7 +112,7 @@ def main(argv: list[str]) -> int:
         if not path.exists():
             print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
             return 2
-    rejects: list[dict] = []
+    rejects = Rejects(args.out / REJECTS_FILE, fresh=True, prefix="safevid prepare")
     pairs = read_pairs(args.pairs, rejects)
     index = prepare_shards(args.videos, pairs, args.out, args.frames, args.size,
                            args.videos_per_shard, args.workers, rejects)

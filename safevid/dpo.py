@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from safevid.data.collate import MicroBatch, collate, encode_pair
-from safevid.data.stream import Pair, PairStream, Rejects, Video, read_all_pairs
+from safevid.data.stream import Pair, PairStream, Video, read_all_pairs
+from safevid.data_prep.rejects import Rejects
 from safevid.losses import preference_loss
 from safevid.models.llava_next_video import LoadedModel, batch_inputs
 

@@ -62,7 +62,8 @@ def train(cfg) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from safevid import checkpoint, distributed
-    from safevid.data.stream import PairStream, Rejects, expand_shards
+    from safevid.data.stream import PairStream, expand_shards
+    from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import Batcher, StepPrefetcher, count_valid, evaluate, pair_losses, reduce_step_metrics
     from safevid.export import export_hf
@@ -244,7 +245,8 @@ def _num_frames(url: str) -> int:
     index = Path(url).parent / "index.json"
     if index.is_file():
         return int(json.loads(index.read_text())["frames"]["num_frames"])
-    from safevid.data.stream import Rejects, iter_videos
+    from safevid.data.stream import iter_videos
+    from safevid.data_prep.rejects import Rejects
 
     return len(next(iter_videos([url], Rejects(None))).jpegs)
 

@@ -9,10 +9,11 @@ import tarfile
 import pytest
 import torch
 from safevid.data_prep.prepare import main as prepare_main
+from safevid.data_prep.rejects import Rejects
 from safevid.data_prep.synthetic import draw_scene, write_video
 
 from safevid.data.collate import IGNORE, collate, encode_pair
-from safevid.data.stream import PairStream, Rejects, expand_shards, read_all_pairs
+from safevid.data.stream import PairStream, expand_shards, read_all_pairs
 
 
 def _pairs_file(path, rows):

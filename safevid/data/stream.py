@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from safevid.data_prep.frames import decode_jpeg
+from safevid.data_prep.rejects import Rejects
 from safevid.data_prep.shards import PAIR_FIELDS
 
 
@@ -94,24 +94,6 @@ def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
     if not urls:
         raise DataError(f"key '{key}': no shard matches {spec!r}")
     return urls
-
-
-class Rejects:
-    """Bad samples are skipped, counted, and written to a JSONL file, never lost silently."""
-
-    def __init__(self, path: Path | None):
-        self.path, self.count, self._seen = path, 0, set()
-
-    def add(self, source: str, reason: str) -> None:
-        # The stream replays epochs; report each bad sample once.
-        if (source, reason) in self._seen:
-            return
-        self._seen.add((source, reason))
-        self.count += 1
-        print(f"safevid: skipping {source}: {reason}", file=sys.stderr)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"source": source, "reason": reason}) + "\n")
 
 
 def _identity(urls):
