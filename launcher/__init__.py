@@ -1,5 +1,5 @@
 """Cluster environment -> distributed launch: one launcher per node, one process per device."""
 
-from safevid.launcher.local import launch_command, launch_env
+from safevid.launcher.local import launch_command
 
-__all__ = ["launch_command", "launch_env"]
+__all__ = ["launch_command"]

@@ -67,7 +67,7 @@ def train(cfg) -> int:
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import Batcher, StepPrefetcher, count_valid, evaluate, pair_losses, reduce_step_metrics
     from safevid.export import export_hf
-    from safevid.losses import needs_reference
+    from safevid.losses import needs_reference, reward_metrics
     from safevid.metrics import MetricsLog
     from safevid.models.llava_next_video import batch_inputs, freeze, load
     from safevid.optim import build_optimizer, build_scheduler
@@ -190,9 +190,7 @@ def train(cfg) -> int:
             engine.backward((losses * weight).sum() * scale)
             engine.step()
             for key, value in {
-                "loss": losses, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
-                "rewards/accuracy": (chosen_r > rejected_r).float(),
-                "rewards/margin": chosen_r - rejected_r,
+                "loss": losses, **reward_metrics(chosen_r, rejected_r),
                 "logps/chosen": logps[0::2], "logps/rejected": logps[1::2],
             }.items():
                 sums[key] = sums.get(key, 0.0) + (value.detach().float() * weight).sum()

@@ -7,7 +7,9 @@ the LM head is applied only to answer positions (fused, it never builds [tokens 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,25 +51,22 @@ def video_tokens_per_frame(config) -> int:
     return side * side
 
 
+def _processor_chat_template(model_dir: Path) -> str | None:
+    """Some checkpoints keep the chat template only beside the processor."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    if (model_dir / "chat_template.json").is_file():
+        return json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
+    return None
+
+
 def load(name_or_path: str, num_frames: int, dtype: torch.dtype, fused: bool,
          attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
-    from pathlib import Path
-
     from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
-        # Some checkpoints keep the template only with the processor.
-        for name in ("chat_template.jinja", "chat_template.json"):
-            path = Path(name_or_path) / name
-            if path.is_file():
-                text = path.read_text()
-                if name.endswith(".json"):
-                    import json
-
-                    text = json.loads(text)["chat_template"]
-                tokenizer.chat_template = text
-                break
+        tokenizer.chat_template = _processor_chat_template(Path(name_or_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(
