@@ -22,6 +22,8 @@ memory columns; "working ratio" compares what is left above that floor.
 
     python benchmarks/bench_logprobs.py                  # CPU table, fp32
     python benchmarks/bench_logprobs.py --gpu            # 16384x4096x152064, bf16, CUDA, triton
+
+`--json PATH` also writes the rows as JSON (the GPU check collects them from there).
 """
 
 import argparse
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument(
         "--gpu", action="store_true", help="the GPU case: 16384x4096x152064, bf16, CUDA, triton"
     )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["naive", "fused"], help=argparse.SUPPRESS)
@@ -133,6 +136,7 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("-" * (len(c) + 1) + ":" for c in cols) + "|")
     itemsize = getattr(torch, args.dtype).itemsize
+    rows = []
     for case in cases:
         runs = {"naive": [], "fused": []}
         for _ in range(args.rounds):
@@ -153,6 +157,15 @@ def main() -> None:
         ]
         row = (str(c).rjust(len(name)) for c, name in zip(cells, cols, strict=True))
         print("| " + " | ".join(row) + " |", flush=True)
+        rows.append({
+            "case": case, "naive_ms": naive["ms"], "fused_ms": fused["ms"],
+            "time_ratio": fused["ms"] / naive["ms"], "naive_mib": naive["mib"],
+            "fused_mib": fused["mib"], "mem_ratio": fused["mib"] / naive["mib"], "grads_mib": grads,
+        })
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+                       "backend": args.backend, "rounds": args.rounds, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

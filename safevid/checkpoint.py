@@ -1,18 +1,202 @@
-"""Checkpoints: DeepSpeed engine state plus our own step, data position and RNG state.
+"""Checkpoints that cannot lie: complete on every rank, or ignored.
 
-Layout: `checkpoints/<tag>/` is DeepSpeed's, plus `trainer_state.json` (rank 0) and
-`rng_rank<r>.json` (each rank). DeepSpeed writes `checkpoints/latest` only once a save has
-completed, so a process killed mid-save resumes from the previous checkpoint. Our files are
-written before the engine's, for the same reason. JSON, not pickle: checkpoints may travel.
+Layout of `checkpoints/step_<8 digits>/`: DeepSpeed's engine files, `rng_rank<r>.json` (each
+rank), `trainer_state.json` (step, data position, world size, config, code version) and last
+`COMPLETE`, written by rank 0 only after a barrier that every rank reaches once its own files
+are written. A directory without `COMPLETE` is a torn write and never resumed from.
+
+Resume takes the newest complete checkpoint by step number (not DeepSpeed's `latest` file,
+which is kept only for DeepSpeed's own tools and written through a rename). Checkpoints
+present but none usable is an error: starting again from step 0 would quietly throw away the
+run. A checkpoint written with another world size is converted once to DeepSpeed's universal
+format (`step_<n>_universal/`) and loaded from there. JSON, not pickle, for our own files:
+checkpoints travel between machines and users.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from safevid.lifecycle import fault_delay
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+UNIVERSAL_SUFFIX = "_universal"
+# Keys that may differ between a checkpoint and the run resuming it: where things go, how long
+# the run is, how often it saves and evaluates, and speed switches that leave the numbers alone
+# (each proven equal by the equivalence tests). Any other difference is a different run.
+MAY_DIFFER = (
+    "output_dir", "demo.", "train.max_steps", "train.save_every", "train.keep_checkpoints",
+    "train.eval_every", "train.collective_timeout_s", "train.export_hf", "train.fused_logprobs",
+    "train.gradient_checkpointing", "train.micro_batch_pairs", "train.deepspeed_config",
+    "data.packing", "data.max_tokens_per_row", "data.decode_threads", "data.eval_shards",
+    "data.eval_max_pairs",
+)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but cannot be used; the message says what to change."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a run resumes: a complete checkpoint and what it recorded."""
+
+    path: Path
+    step: int
+    position: tuple[int, int]
+    world_size: int
+
+    @property
+    def universal_path(self) -> Path:
+        return self.path.with_name(self.path.name + UNIVERSAL_SUFFIX)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
+             if (m := TAG_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file() and (tag_dir / STATE).is_file()
+
+
+def code_version() -> str:
+    """`git describe` of the source tree when it is a checkout, else the package version."""
+    from safevid import __version__
+    from safevid.config import REPO_ROOT
+
+    if (REPO_ROOT / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty",
+                                  "--tags"], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return f"{__version__}+git.{out.stdout.strip()}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return __version__
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint value -> this run's value' for each key that must not change."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_DIFFER):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def find_resume(ckpt_dir: Path, config: dict) -> ResumePoint | None:
+    """The newest complete checkpoint, or None for a fresh run.
+
+    Raises CheckpointError when checkpoints exist but none is complete, or when the newest
+    complete one was written by a run with a different configuration.
+    """
+    tags = _tags(ckpt_dir)
+    complete = [(step, path) for step, path in tags if is_complete(path)]
+    if not complete:
+        leftovers = [p.name for _, p in tags] + [n for n in ("latest",) if (ckpt_dir / n).exists()]
+        if leftovers:
+            raise CheckpointError(
+                f"{ckpt_dir} holds checkpoints but none is complete ({', '.join(leftovers)}: no "
+                f"{COMPLETE} marker, so each was cut off while being written). Refusing to start "
+                f"again from step 0 over them: delete {ckpt_dir} to start afresh, or point "
+                "output_dir at a new directory.")
+        return None
+    step, path = complete[-1]
+    state = json.loads((path / STATE).read_text())
+    diffs = config_differences(state.get("config", {}), config)
+    if diffs:
+        raise CheckpointError(
+            f"{path} was written by a run with a different configuration; these keys differ "
+            f"(checkpoint -> this run): {'; '.join(diffs)}. Set them back to resume, or use a new "
+            "output_dir for a new run.")
+    return ResumePoint(path, step, tuple(state["data_position"]), int(state["world_size"]))
+
+
+def decide_resume(ckpt_dir: Path, config: dict, rank: int) -> ResumePoint | None:
+    """`find_resume` on rank 0, its answer (or its error) broadcast to every rank.
+
+    Every rank must take the same decision: a shared file system can show ranks different
+    directory listings for a moment, and one rank resuming while another starts afresh would
+    hang both.
+    """
+    import torch.distributed as dist
+
+    answer: list = [None]
+    if rank == 0:
+        try:
+            answer[0] = ("ok", find_resume(ckpt_dir, config))
+        except CheckpointError as exc:
+            answer[0] = ("error", str(exc))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def convert_to_universal(point: ResumePoint) -> Path:
+    """DeepSpeed's universal checkpoint of `point`, made once (rank 0) beside it."""
+    out = point.universal_path
+    if (out / COMPLETE).is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(point.path), "--output_folder", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(
+            f"could not convert {point.path} (world size {point.world_size}) to a universal "
+            f"checkpoint for this world size:\n{proc.stderr[-3000:]}")
+    for name in (STATE, *[p.name for p in point.path.glob("rng_rank*.json")]):
+        shutil.copy2(point.path / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    (point.path.parent / "latest_universal").unlink(missing_ok=True)  # names the tmp folder
+    _write_atomic(out / COMPLETE, json.dumps({"step": point.step, "from": point.path.name}))
+    return out
 
 
 def _rng_state() -> dict:
@@ -28,42 +212,54 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(engine, ckpt_dir: Path, step: int, position: tuple[int, int], rank: int, keep: int) -> None:
+def save(engine, ckpt_dir: Path, step: int, position: tuple[int, int], rank: int, world: int,
+         keep: int, config: dict) -> Path:
+    """Write checkpoint `step` on every rank; it counts once rank 0 has written COMPLETE."""
     import torch.distributed as dist
 
-    tag = f"step_{step:08d}"
+    tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    (tag_dir / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
-        state = {"step": step, "data_position": list(position)}
-        (tag_dir / "trainer_state.json").write_text(json.dumps(state))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        # A leftover of an earlier attempt at this step must not look complete while the
+        # files underneath it are being replaced.
+        (tag_dir / COMPLETE).unlink(missing_ok=True)
     dist.barrier()
-    if rank == 0 and keep > 0:
-        tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    _write_atomic(tag_dir / f"rng_rank{rank}.json", json.dumps(_rng_state()))
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    if rank == 0:
+        state = {"step": step, "data_position": list(position), "world_size": world,
+                 "code_version": code_version(), "config": config}
+        _write_atomic(tag_dir / STATE, json.dumps(state, indent=1))
+    fault_delay("checkpoint")
+    dist.barrier()  # every rank has written its part
+    if rank == 0:
+        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": world}))
+        _write_atomic(ckpt_dir / "latest", tag)
+        rotate(ckpt_dir, keep)
+    return tag_dir
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag / "trainer_state.json").is_file() else None
+def rotate(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints by step number; drop torn ones."""
+    tags = _tags(ckpt_dir)
+    complete = [p for _, p in tags if is_complete(p)]
+    doomed = [p for _, p in tags if not is_complete(p)]
+    if keep > 0:
+        doomed += complete[:-keep]
+    for path in doomed:
+        shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, rank: int) -> tuple[int, tuple[int, int]] | None:
-    """Restore engine, optimizer, scheduler and RNG; return (step, data position) or None."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def load(engine, point: ResumePoint, rank: int) -> tuple[int, tuple[int, int]]:
+    """Restore engine, optimizer, scheduler and RNG from `point`; return (step, data position)."""
+    universal = engine.load_universal_checkpoint()
+    source = point.universal_path if universal else point.path
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-    state = json.loads((ckpt_dir / tag / "trainer_state.json").read_text())
-    rng_file = ckpt_dir / tag / f"rng_rank{rank}.json"
-    if rng_file.is_file():
+        raise CheckpointError(f"{source}: DeepSpeed could not load this checkpoint")
+    rng_file = source / f"rng_rank{rank}.json"
+    if rng_file.is_file() and not universal:
         _set_rng_state(json.loads(rng_file.read_text()))
-    return state["step"], tuple(state["data_position"])
+    return point.step, point.position

@@ -64,6 +64,10 @@ class TrainConfig:
     eval_every: int = 0
     deepspeed_config: str = "ds_configs/zero3.json"
     export_hf: bool = True
+    # Every collective gives up after this long: a dead or hung rank ends the job with an error
+    # naming the rank instead of a silent hang. Generous, because a 7B checkpoint write or the
+    # first step's compilation keeps the other ranks waiting at a barrier.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -138,6 +142,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.pairs_per_step > 0, "train.pairs_per_step", "must be > 0"),
         (cfg.train.micro_batch_pairs > 0, "train.micro_batch_pairs", "must be > 0"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0"),
+        (cfg.train.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0"),
         (cfg.train.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
          "must be cosine, linear or constant"),
         (cfg.loss.type in LOSS_TYPES, "loss.type", f"must be one of {', '.join(LOSS_TYPES)}"),

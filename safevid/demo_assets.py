@@ -25,6 +25,13 @@ def demo_records() -> tuple[list[dict], list[dict]]:
     return scenes, pairs
 
 
+def demo_texts() -> list[str]:
+    """The texts the demo tokenizer is trained on: scene descriptions, prompts and answers."""
+    scenes, pairs = demo_records()
+    texts = [s["description"] for s in scenes]
+    return texts + [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
+
+
 def _build(root: Path, seed: int) -> None:
     from safevid.data_prep.prepare import prepare_shards
     from safevid.data_prep.synthetic import draw_scene, write_video
@@ -37,9 +44,7 @@ def _build(root: Path, seed: int) -> None:
         pair["_source"] = f"demo_pairs.jsonl:{i + 1}"
     prepare_shards(root / "videos", pairs, root / "shards", NUM_FRAMES, FRAME_SIZE,
                    videos_per_shard=3, workers=2, progress=False)
-    texts = [s["description"] for s in scenes]
-    texts += [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
-    build_tiny_model(texts, root / "model", seed=seed)
+    build_tiny_model(demo_texts(), root / "model", seed=seed)
 
 
 def ensure_demo_assets(root: Path, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safevid.data.collate import MicroBatch, collate, encode_pair
 from safevid.data.stream import Pair, PairStream, Video, read_all_pairs
 from safevid.data_prep.rejects import Rejects
-from safevid.losses import preference_loss
+from safevid.losses import preference_loss, reward_metrics
 from safevid.models.llava_next_video import LoadedModel, batch_inputs
 
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
@@ -107,9 +107,33 @@ def count_valid(pairs: list[Pair], device: torch.device) -> int:
     return int(n.item())
 
 
+def accumulate_step_metrics(sums: dict[str, torch.Tensor], losses: torch.Tensor,
+                            chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                            logps: torch.Tensor, weight: torch.Tensor, tokens: int,
+                            device: torch.device) -> None:
+    """Add one micro-batch's weighted per-pair metrics into `sums`, all on `device`.
+
+    Every tensor is made on the step's device: a CPU scalar among CUDA tensors made the first
+    GPU step crash in the reduction.
+    """
+    values = {"loss": losses, **reward_metrics(chosen_rewards, rejected_rewards),
+              "logps/chosen": logps[0::2], "logps/rejected": logps[1::2]}
+    for key, value in values.items():
+        term = (value.detach().to(device, torch.float64) * weight.to(device, torch.float64)).sum()
+        sums[key] = sums[key] + term if key in sums else term
+    count = torch.tensor(float(tokens), dtype=torch.float64, device=device)
+    sums["tokens"] = sums["tokens"] + count if "tokens" in sums else count
+
+
+def stack_step_metrics(sums: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The step's sums as one float64 vector on `device`, ready for a single all-reduce."""
+    return torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+                        for k in STEP_KEYS])
+
+
 def reduce_step_metrics(sums: dict, valid_pairs: int, device: torch.device) -> dict:
     """Sum over ranks, then means over the step's valid pairs (tokens stay a total)."""
-    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in STEP_KEYS]).to(device)
+    vec = stack_step_metrics(sums, device)
     dist.all_reduce(vec)
     out = {k: float(v) / max(valid_pairs, 1) for k, v in zip(STEP_KEYS, vec.tolist(), strict=True)}
     out["tokens"] = int(vec[-1].item())

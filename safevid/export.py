@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +28,12 @@ def export_hf(loaded, out_dir: Path, rank: int) -> None:
     state = gather_state_dict(hf, rank)
     if rank != 0:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out_dir), state_dict=state)
-    loaded.tokenizer.save_pretrained(str(out_dir))
-    loaded.frames.save(out_dir)
+    # Written beside and renamed into place: a directory named hf/ is always a whole model.
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf.save_pretrained(str(tmp), state_dict=state)
+    loaded.tokenizer.save_pretrained(str(tmp))
+    loaded.frames.save(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from safevid.config import ConfigError, check_world_size, load_config, resolve_path, save_config
@@ -39,15 +42,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safevid train: config error: {exc}", file=sys.stderr)
         return 2
     prepare_env()
-    try:
-        return train(cfg)
-    except (ConfigError, ValueError) as exc:
-        from safevid.data.stream import DataError
+    from safevid.checkpoint import CheckpointError
+    from safevid.data.stream import DataError
 
-        if not isinstance(exc, ConfigError | DataError):
-            raise
-        print(f"safevid train: error: {exc}", file=sys.stderr)
-        return 2
+    where = f"rank {os.environ.get('RANK', '0')} on {socket.gethostname()}"
+    try:
+        rc = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        # The same input gives every rank the same error: one line from the first rank says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"safevid train: error: {exc}", file=sys.stderr, flush=True)
+        _exit_now(2)
+    except BaseException as exc:  # noqa: BLE001  a failed rank must end, never hang the job
+        traceback.print_exc()
+        print(f"safevid train: {where} failed: {type(exc).__name__}: {str(exc).splitlines()[:1]}"
+              f" (a collective that failed or timed out after train.collective_timeout_s="
+              f"{cfg.train.collective_timeout_s:g}s means another rank died or hung)",
+              file=sys.stderr, flush=True)
+        _exit_now(1)
+    from safevid.distributed import shutdown
+    from safevid.lifecycle import ignore_stop_signals
+
+    shutdown()
+    # The launcher repeats a stop signal until the ranks have exited; at interpreter exit
+    # Python would put back the default action, which for SIGUSR1 is to die.
+    ignore_stop_signals()
+    return rc
+
+
+def _exit_now(code: int) -> None:
+    """End a failed rank at once: a normal interpreter exit would join prefetch threads and
+    tear down a process group whose peers may be gone, and can hang or abort on the way."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train(cfg) -> int:
@@ -65,9 +93,18 @@ def train(cfg) -> int:
     from safevid.data.stream import PairStream, expand_shards
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
-    from safevid.dpo import Batcher, StepPrefetcher, count_valid, evaluate, pair_losses, reduce_step_metrics
+    from safevid.dpo import (
+        Batcher,
+        StepPrefetcher,
+        accumulate_step_metrics,
+        count_valid,
+        evaluate,
+        pair_losses,
+        reduce_step_metrics,
+    )
     from safevid.export import export_hf
-    from safevid.losses import needs_reference, reward_metrics
+    from safevid.lifecycle import StopRequest, clear_stop_file, fault_delay, write_stop_file
+    from safevid.losses import needs_reference
     from safevid.metrics import MetricsLog
     from safevid.models.llava_next_video import batch_inputs, freeze, load
     from safevid.optim import build_optimizer, build_scheduler
@@ -77,13 +114,21 @@ def train(cfg) -> int:
         ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
     train_urls = expand_shards(cfg.data.shards, "data.shards")
     eval_urls = expand_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
-    rank, world, _ = distributed.init()
+    stop = StopRequest()  # before the process group: a signal during start-up is kept too
+    rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
     micro_steps = check_world_size(cfg, world)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    config_record = config_dict(cfg)
+    resume = checkpoint.decide_resume(ckpt_dir, config_record, rank)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        clear_stop_file(out)
+        if resume is not None and resume.world_size != world:
+            print(f"safevid: {resume.path.name} was written by {resume.world_size} ranks; "
+                  f"converting it to a universal checkpoint for {world}", file=sys.stderr)
+            checkpoint.convert_to_universal(resume)
     dist.barrier()
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -106,6 +151,9 @@ def train(cfg) -> int:
     )
     ds.setdefault("wall_clock_breakdown", False)
     ds_hf = HfDeepSpeedConfig(ds)  # noqa: F841  keeps from_pretrained partitioning under ZeRO-3
+    # Optimizer states written by another world size load through DeepSpeed's universal format.
+    policy_ds = {**ds, "checkpoint": {"load_universal": resume is not None
+                                      and resume.world_size != world}}
 
     # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
     torch.manual_seed(cfg.train.seed)
@@ -121,7 +169,7 @@ def train(cfg) -> int:
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     deepspeed.zero.register_external_parameter(policy.model.head, policy.model.hf.lm_head.weight)
     engine, *_ = deepspeed.initialize(
-        model=policy.model, model_parameters=trainable, config=ds,
+        model=policy.model, model_parameters=trainable, config=policy_ds,
         optimizer=build_optimizer(trainable, cfg.train, fused=device.type == "cuda"),
         lr_scheduler=build_scheduler(cfg.train),
     )
@@ -143,10 +191,9 @@ def train(cfg) -> int:
               f"packing {'on' if cfg.data.packing else 'off'}", file=sys.stderr)
 
     # ---- resume ---------------------------------------------------------------------------
-    resumed = checkpoint.load(engine, ckpt_dir, rank)
-    start_step, position = resumed if resumed else (0, (0, 0))
-    if rank == 0 and resumed:
-        print(f"safevid: resuming from step {start_step} in {ckpt_dir}", file=sys.stderr)
+    start_step, position = checkpoint.load(engine, resume, rank) if resume else (0, (0, 0))
+    if rank == 0 and resume:
+        print(f"safevid: resuming from step {start_step} ({resume.path})", file=sys.stderr)
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
     # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
@@ -158,14 +205,20 @@ def train(cfg) -> int:
 
     def run_eval(step: int) -> dict:
         sets = {"heldout": eval_urls, "train": train_urls}
+        fault_delay("eval")
         return evaluate(engine, ref_engine, batcher, sets, cfg, rank, world,
                         out if rank == 0 and step == cfg.train.max_steps else None)
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, position, rank, world,
+                        cfg.train.keep_checkpoints, config_record)
 
     # ---- training steps -------------------------------------------------------------------
     engine.train()
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc="dpo",
                dynamic_ncols=True)
     t_start = time.perf_counter()
+    stopped_by = None
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         mine, position = prefetch.next()
@@ -189,12 +242,9 @@ def train(cfg) -> int:
             losses, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref_logps)
             engine.backward((losses * weight).sum() * scale)
             engine.step()
-            for key, value in {
-                "loss": losses, **reward_metrics(chosen_r, rejected_r),
-                "logps/chosen": logps[0::2], "logps/rejected": logps[1::2],
-            }.items():
-                sums[key] = sums.get(key, 0.0) + (value.detach().float() * weight).sum()
-            sums["tokens"] = sums.get("tokens", 0.0) + torch.tensor(float(batch.tokens))
+            accumulate_step_metrics(sums, losses, chosen_r, rejected_r, logps, weight,
+                                    batch.tokens, device)
+        fault_delay("step")
         record = reduce_step_metrics(sums, valid, device)
         elapsed = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
@@ -211,10 +261,24 @@ def train(cfg) -> int:
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
             bar.update(1)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, position, rank, cfg.train.keep_checkpoints)
+        saved = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps
+        if saved:
+            save(step)
+        # One collective per step: every rank learns whether any rank was asked to stop, so
+        # all of them stop after this same step (a run at its last step just finishes).
+        if step < cfg.train.max_steps and (stopped_by := stop.agreed(device)):
+            if not saved:
+                save(step)
+            break
     bar.close()
     prefetch.close()
+    if stopped_by:
+        if rank == 0:
+            write_stop_file(out, step, stopped_by)
+            print(f"safevid: stopped after step {step} on {stopped_by}; checkpoint "
+                  f"{ckpt_dir / checkpoint.tag_for(step)} is complete. Run the same command "
+                  "again to resume from it.", file=sys.stderr, flush=True)
+        return 0
 
     # ---- export and summary ---------------------------------------------------------------
     if cfg.train.export_hf:
@@ -223,6 +287,13 @@ def train(cfg) -> int:
         _summary(out, rejects.count)
     dist.barrier()
     return 0
+
+
+def config_dict(cfg) -> dict:
+    """The resolved config as plain data, recorded in every checkpoint."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def _write_partition_stats(engine, path: Path) -> None:

@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
-# DPO training: `bash slurm/train_dpo.sh [CONFIG] [key=value ...]` on this machine, or
-# `sbatch slurm/train_dpo.sh CONFIG ...` on a cluster. CONFIG defaults to configs/demo.yaml.
-# Outside Slurm: all local GPUs, or NPROC_PER_NODE CPU processes (default 2).
+# DPO training: `sbatch [-N NODES] slurm/train_dpo.sh CONFIG [key=value ...]` on a cluster, or
+# `bash slurm/train_dpo.sh [CONFIG] [key=value ...]` on this machine (CONFIG defaults to
+# configs/demo.yaml; all local GPUs, or NPROC_PER_NODE CPU processes, default 2).
+#
+# Edit these defaults for your cluster (command-line sbatch options override them):
 #SBATCH --job-name=safevid-dpo
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --error=slurm-%x-%j.out
+#SBATCH --open-mode=append
+# Preemption and the time limit: Slurm sends SIGUSR1 to this script 5 minutes before the end;
+# every rank then checkpoints after its current step, and the job requeues itself and resumes
+# from that checkpoint. Give the signal enough lead time for one step plus a checkpoint write.
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#
+# One launcher per node (srun, one task per node) starts one rank per GPU; ranks rendezvous on
+# the first host of the allocation, port derived from the job id (MASTER_ADDR / MASTER_PORT
+# override both). Under Slurm a node without a visible GPU is refused unless NPROC_PER_NODE is
+# set (CPU processes on purpose).
+#
+# NCCL settings some clusters need (uncomment and adapt):
+# export NCCL_SOCKET_IFNAME=ib0          # the interface between nodes
+# export NCCL_IB_HCA=mlx5                # InfiniBand adapters to use
+# export NCCL_DEBUG=WARN                 # INFO when debugging a hang
+# export NCCL_NVLS_ENABLE=0              # if NVLink SHARP initialisation fails
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
@@ -16,8 +39,33 @@ else py=python3; fi
 config=configs/demo.yaml
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
 
-if [ "${SLURM_NNODES:-1}" -gt 1 ]; then
-  echo "train_dpo.sh: multi-node jobs (SLURM_NNODES=$SLURM_NNODES) are not supported yet; use -N 1" >&2
-  exit 2
+# A crash prints every thread's stack, which is what tells a hang in a collective apart.
+export PYTHONFAULTHANDLER=1
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  exec "$py" -m safevid.launcher "$config" "$@"
 fi
-exec "$py" -m safevid.launcher "$config" "$@"
+
+echo "train_dpo.sh: job ${SLURM_JOB_ID} on ${SLURM_JOB_NUM_NODES:-1} node(s) ${SLURM_JOB_NODELIST:-}," \
+     "restart ${SLURM_RESTART_COUNT:-0}, config $config $*" >&2
+srun_args=(--nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --kill-on-bad-exit=1)
+# srun does not inherit --cpus-per-task from the batch allocation (Slurm >= 22.05).
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+
+# srun runs in the background so that this shell can pass Slurm's warning signal on to it (srun
+# forwards it to every node's launcher, which forwards it to the ranks).
+srun "${srun_args[@]}" "$py" -m safevid.launcher "$config" "$@" &
+launcher=$!
+forward() {
+  echo "train_dpo.sh: stop requested: the ranks checkpoint and stop after their current step" >&2
+  kill -s "$1" "$launcher" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+# srun answers SIGTERM by killing its tasks at once; Slurm sends the tasks SIGTERM itself anyway,
+# so the shell passes on only the request to stop.
+trap 'forward USR1' TERM
+# `wait` also returns when a trapped signal arrives: wait again until the launcher has ended,
+# then once more for its own exit status (bash keeps it).
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+wait "$launcher" && rc=0 || rc=$?
+exit "$rc"

@@ -110,7 +110,11 @@ class DPOModel(nn.Module):
         vision_trains = any(p.requires_grad for p in inner.multi_modal_projector.parameters())
         vision_trains |= any(p.requires_grad for p in inner.vision_tower.parameters())
         with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
-            feats = inner.get_video_features(pixel_values_videos=pixel_values_videos).pooler_output
+            # Positional: the argument is `pixel_values` in transformers 5.17 and
+            # `pixel_values_videos` in 5.24, both inside setup.py's range.
+            feats = inner.get_video_features(pixel_values_videos).pooler_output
+        if isinstance(feats, tuple | list):  # 5.17: one [frames, tokens, dim] tensor per video
+            feats = torch.stack(feats).flatten(1, 2)
         feats = feats[video_of_slot].reshape(-1, feats.shape[-1]).to(embeds.dtype)
         slots = (input_ids == self.video_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, feats)
