@@ -252,7 +252,15 @@ class JobOutput:
 
 
 def _dumps(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    if not line.isascii():
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (read from a `\ud800` escape in an input file) has no UTF-8
+            # form; JSON's ASCII escapes write the same value instead of ending the job.
+            line = json.dumps(record) + "\n"
+    return line
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ OpenAI and with any compatible server (vLLM, SGLang, llama.cpp, ...). On top of 
 what a long batch job needs:
 
 - bounded concurrency, and requests- and tokens-per-minute limits;
-- retries with exponential backoff and jitter on 429 (honouring Retry-After), 5xx, timeouts and
-  connection errors;
+- retries with exponential backoff and jitter on 429 (honouring Retry-After), 5xx, timeouts,
+  connection errors and malformed responses (a body cut short, not JSON, or not the shape of a
+  chat completion);
 - JSON results validated against a JSON schema: structured outputs (`response_format`
   json_schema) where the server supports them, otherwise the schema in the prompt; either way
   the reply is parsed and validated, with one repair request when it does not match;
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, fields
@@ -48,6 +50,7 @@ CACHE_FORMAT = 1  # bump when the cached result layout changes
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
 MAX_RETRY_AFTER_S = 600.0  # a server asking for longer is waited on for at most this
 IMAGE_TOKENS = {"low": 85, "high": 765, "auto": 765}  # rough per-image prompt tokens, for TPM
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class LLMError(RuntimeError):
@@ -60,6 +63,14 @@ class LLMUnavailable(LLMError):
     """Retries exhausted on rate limits, server errors, timeouts or connection errors."""
 
     retryable = True
+
+
+class LLMMalformedResponse(LLMUnavailable):
+    """Retries exhausted, the last response unreadable: an HTTP 200 whose body was cut short,
+    is not JSON, or is not a chat completion (no `choices`, a field of the wrong type).
+
+    Retryable like a 5xx: a proxy or server fault, not a verdict on the input.
+    """
 
 
 class LLMRequestError(LLMError):
@@ -100,6 +111,7 @@ class UsageStats:
     requests: int = 0  # HTTP requests sent (retries and repairs included)
     retries: int = 0
     repairs: int = 0
+    malformed: int = 0  # responses that could not be read (retried like a 5xx)
     failures: int = 0  # chat() calls that raised LLMError
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -122,6 +134,7 @@ class UsageStats:
             ("  served from cache", self.cache_hits),
             ("  HTTP requests", self.requests),
             ("  retries / repairs", f"{self.retries} / {self.repairs}"),
+            ("  malformed responses", self.malformed),
             ("  failed", self.failures),
             ("tokens prompt / completion", f"{self.prompt_tokens:,} / {self.completion_tokens:,}"),
             ("est. cost (USD)", f"{self.cost(price_input, price_output):.4f}"),
@@ -226,6 +239,76 @@ def parse_json(text: str) -> Any:
         return json.loads(body[start : end + 1])
 
 
+def _valid_unicode(value: Any) -> Any:
+    """`value` with every lone UTF-16 surrogate in its strings replaced by U+FFFD.
+
+    JSON carries them as escapes (`\\ud800`: a model's broken byte-level output, a caption file
+    written elsewhere), but no UTF-8 request body, cache row or output line can hold them, so
+    one such character would otherwise fail wherever the text is written next.
+    """
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value) if LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [_valid_unicode(v) for v in value]
+    if isinstance(value, dict):
+        return {_valid_unicode(k): _valid_unicode(v) for k, v in value.items()}
+    return value
+
+
+class _BadResponse(Exception):
+    """A response that cannot be read as a chat completion; the message names the fault."""
+
+
+def _read_completion(body: bytes, content_type: str = "application/json") -> dict:
+    """The parts of a chat-completion response body that the client uses, checked.
+
+    Returns `content`, `refusal`, `finish` (strings or None), `model` (a string or None) and
+    `prompt_tokens`, `completion_tokens`. Raises `_BadResponse` for a body that is empty, not
+    UTF-8 JSON, or not shaped like a chat completion. Fields the client does not use are not
+    checked, so servers that leave out `id` or `created` still work; token counts that are
+    missing or not counts read as 0 (they feed only the counters and the TPM budget).
+    """
+    kind = content_type or "no content-type"
+    if not body.strip():
+        raise _BadResponse(f"empty body ({kind})")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise _BadResponse(f"body is not UTF-8 ({exc.reason} at byte {exc.start}; {kind})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's limit
+        raise _BadResponse(f"body is not JSON ({exc}; {kind}, {len(body)} bytes): "
+                          f"{body[:120]!r}") from exc
+    if not isinstance(data, dict):
+        raise _BadResponse(f"body is {_json_kind(data)}, not a JSON object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        if data.get("error"):  # some servers and proxies answer 200 with an error object
+            raise _BadResponse(f"an error object instead of a completion: {data['error']!r:.300}")
+        what = "no `choices`" if choices is None else f"`choices` is {choices!r:.60}"
+        raise _BadResponse(f"{what} in the completion")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise _BadResponse(f"`choices[0]` has no message object: {choice!r:.100}")
+    found = {"content": message.get("content"), "refusal": message.get("refusal"),
+             "finish": choice.get("finish_reason")}
+    for name, value in found.items():
+        if value is not None and not isinstance(value, str):
+            raise _BadResponse(f"`{name}` is {_json_kind(value)}, not a string")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    tokens = {name: usage.get(name) for name in ("prompt_tokens", "completion_tokens")}
+    tokens = {k: v if type(v) is int and v >= 0 else 0 for k, v in tokens.items()}  # not bools
+    model = data.get("model")
+    found["model"] = model if isinstance(model, str) else None
+    return {**_valid_unicode(found), **tokens}
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def retry_after_seconds(headers: Any) -> float | None:
     """Seconds a 429/503 asks us to wait: retry-after-ms, then Retry-After (seconds or a date)."""
     if headers is None:
@@ -281,6 +364,16 @@ class LLMClient:
         cache_path: SQLite file of finished results; None disables the cache.
         structured_outputs: "auto" tries response_format json_schema and falls back to the
             schema in the prompt when the server rejects it; True / False force one or the other.
+
+    Errors: whatever the server does (refuses, fails, times out, drops the connection, sends a
+    body cut short or of the wrong shape or with broken text), `chat` either returns a result or
+    raises an `LLMError` subclass whose message names the fault, never another exception, so
+    one bad response costs a batch job that one item and nothing more. Transient faults are
+    retried with backoff first: 429, 408, 409, 5xx, timeouts, connection errors and malformed
+    responses (`LLMUnavailable`, `LLMMalformedResponse` when the last one was malformed); a
+    refused request is not (`LLMRequestError`). A failed call is never cached. Lone surrogates
+    in any text, which no UTF-8 file can hold, are replaced by U+FFFD in both directions.
+    Exceptions from the caller's own arguments (a parameter that is not JSON) are not wrapped.
     """
 
     def __init__(
@@ -351,6 +444,7 @@ class LLMClient:
         """
         model = model or self.model
         self.stats.calls += 1
+        messages = _valid_unicode(messages)  # else the request cannot even be encoded
         key = (request_key(model, messages, schema, params, schema_name)
                if self.cache is not None else "")
         if self.cache is not None:
@@ -400,14 +494,17 @@ class LLMClient:
 
     def _validate(self, text: str, schema: dict) -> tuple[Any, str | None]:
         try:
-            value = parse_json(text)
-        except (json.JSONDecodeError, ValueError) as exc:
+            value = _valid_unicode(parse_json(text))  # escapes in the text can hold surrogates
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             return None, f"not JSON ({exc.__class__.__name__}: {exc})"
         digest = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
         validator = self._validators.get(digest)
         if validator is None:
             validator = self._validators[digest] = jsonschema.Draft202012Validator(schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        except RecursionError:  # a reply nested deeper than the validator can walk
+            return None, "schema mismatch: the JSON is nested too deeply to check"
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "top level"
             return None, f"schema mismatch at {where}: {error.message[:300]}"
@@ -440,15 +537,21 @@ class LLMClient:
     ) -> dict:
         """One request with retries; returns text, model and finish reason, adds to `usage`."""
         estimate = estimate_tokens(messages, params)
-        last_error, attempt = "", 0
+        last_error, malformed, attempt = "", False, 0
         while True:
             await self._wait_turn(estimate)
             self.stats.requests += 1
-            retry_after = None
+            retry_after, malformed = None, False
             try:
                 args = self._request_args(messages, schema, name)
-                response = await self._client.chat.completions.create(
+                # The raw response, read here rather than by the SDK: its parser lets a body cut
+                # short escape as json.JSONDecodeError and hands back a non-JSON page as a str,
+                # while a malformed response is a transient fault to retry like a 5xx.
+                raw = await self._client.chat.completions.with_raw_response.create(
                     model=model, **args, **params)
+                http = raw.http_response
+                return self._read(model, _read_completion(
+                    http.content, http.headers.get("content-type", "")), estimate, usage)
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status in (400, 422) and "response_format" in args and self._falls_back(exc):
@@ -461,10 +564,17 @@ class LLMClient:
                     wait = min(retry_after if retry_after is not None else 0.0,
                                MAX_RETRY_AFTER_S)
                     self._pause_until = max(self._pause_until, time.monotonic() + wait)
-            except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            else:
-                return self._read(model, response, estimate, usage)
+            except openai.APIConnectionError as exc:  # timeouts included
+                last_error = _describe(exc)
+            except (_BadResponse, openai.APIResponseValidationError) as exc:
+                malformed = True
+                self.stats.malformed += 1
+                last_error = f"malformed response: {exc}" if isinstance(
+                    exc, _BadResponse) else _describe(exc)
+            except openai.OpenAIError as exc:
+                # Anything else the SDK raises is about its own set-up, not this response:
+                # another try would fail the same way.
+                raise LLMRequestError(f"{model}: {_describe(exc)}") from exc
             if attempt >= self.max_retries:
                 break
             self.stats.retries += 1
@@ -472,28 +582,25 @@ class LLMClient:
             attempt += 1
             log.debug("%s: %s; retry %d in %.2fs", model, last_error, attempt, delay)
             await asyncio.sleep(delay)
-        raise LLMUnavailable(f"{model}: gave up after {self.max_retries + 1} attempts; "
-                             f"last error: {last_error}")
+        error = LLMMalformedResponse if malformed else LLMUnavailable
+        raise error(f"{model}: gave up after {self.max_retries + 1} attempts; "
+                    f"last error: {last_error}")
 
-    def _read(self, model: str, response: Any, estimate: int, usage: dict[str, int]) -> dict:
-        prompt = response.usage.prompt_tokens if response.usage else 0
-        completion = response.usage.completion_tokens if response.usage else 0
+    def _read(self, model: str, reply: dict, estimate: int, usage: dict[str, int]) -> dict:
+        """Count the tokens of a checked reply (`_read_completion`); refusals raise here."""
+        prompt, completion = reply["prompt_tokens"], reply["completion_tokens"]
         usage["prompt_tokens"] += prompt
         usage["completion_tokens"] += completion
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
-        if self._tpm is not None and response.usage:
+        if self._tpm is not None and prompt + completion:
             self._tpm.adjust(prompt + completion - estimate)
-        if not response.choices:
-            raise LLMInvalidOutput(f"{model}: response has no choices")
-        choice = response.choices[0]
-        message = choice.message
-        if getattr(message, "refusal", None):
-            raise LLMRefusal(f"{model}: refused: {message.refusal[:300]}")
-        if choice.finish_reason == "content_filter" or not (message.content or "").strip():
-            raise LLMRefusal(f"{model}: no content (finish_reason={choice.finish_reason})")
-        return {"text": message.content, "model": response.model or model,
-                "finish": choice.finish_reason}
+        if reply["refusal"]:
+            raise LLMRefusal(f"{model}: refused: {reply['refusal'][:300]}")
+        if reply["finish"] == "content_filter" or not (reply["content"] or "").strip():
+            raise LLMRefusal(f"{model}: no content (finish_reason={reply['finish']})")
+        return {"text": reply["content"], "model": reply["model"] or model,
+                "finish": reply["finish"]}
 
     def _falls_back(self, exc: openai.APIStatusError) -> bool:
         """Switch to prompt mode when an "auto" server rejects response_format.
@@ -530,6 +637,13 @@ class LLMClient:
         return delay
 
 
+def _describe(exc: BaseException) -> str:
+    """The error and what caused it: the SDK's "Connection error." alone does not say which."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    return f"{text} ({type(cause).__name__}: {cause})" if cause is not None else text
+
+
 def _error_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict):
@@ -546,6 +660,7 @@ __all__ = [
     "LLMClient",
     "LLMError",
     "LLMInvalidOutput",
+    "LLMMalformedResponse",
     "LLMRefusal",
     "LLMRequestError",
     "LLMUnavailable",

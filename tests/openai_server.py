@@ -14,6 +14,15 @@ connection without answering), "reply" (a fixed `reply` object as the content). 
 to requests whose text contains `match` and whose schema is named `schema` (either optional), at
 most `times` times (None: always).
 
+Faults of the response itself, each an HTTP 200 (what a cut-off proxy or a buggy server sends):
+"truncated" (the JSON body cut short, Content-Length matching the cut), "empty" (no body),
+"body" (a fixed whole-response `body`: valid JSON of the wrong shape, e.g. no `choices`), "html"
+(a text/html page instead of JSON), "wrong_type" (the good JSON labelled text/plain), "cut"
+(Content-Length promises the whole body, half is sent, then the connection closes), "bad_utf8"
+(bytes that are not UTF-8 inside the JSON), "surrogate" (content with a lone UTF-16 surrogate,
+`\\ud800`, which no UTF-8 file can hold), "gzip" (Content-Encoding gzip over bytes that are not
+gzip).
+
 In-process: `with OpenAIServer(latency=0.01) as server: ... server.base_url ...`.
 As a process: `python tests/openai_server.py --latency 0.2` prints `READY <base_url>` and serves
 until killed; `GET /control/stats`, `POST /control/faults` (a JSON list), `POST /control/reset`.
@@ -31,7 +40,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-FAULT_KINDS = {"429", "500", "slow", "malformed", "refusal", "drop", "reply"}
+FAULT_KINDS = {"429", "500", "slow", "malformed", "refusal", "drop", "reply", "truncated", "empty",
+               "body", "html", "wrong_type", "cut", "bad_utf8", "surrogate", "gzip"}
+RESPONSE_FAULTS = FAULT_KINDS - {"429", "500", "slow", "malformed", "refusal", "drop", "reply"}
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 
 
@@ -44,10 +55,21 @@ class Fault:
     delay: float = 5.0  # "slow": seconds before answering
     retry_after_ms: int = 50  # "429": sent as retry-after-ms and (rounded up) Retry-After
     reply: Any = None  # "reply": the content, serialised as JSON when not a string
+    body: Any = None  # "body": the whole response, serialised as JSON when not a string
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {FAULT_KINDS}")
+
+
+@dataclass
+class Raw:
+    """A response sent byte for byte as given, for the faults that break the body or the HTTP."""
+
+    data: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    cut: bool = False  # announce len(data), send half of it, close the connection
 
 
 @dataclass
@@ -124,6 +146,39 @@ def instance(schema: dict, seed: str, path: str = "$", index: int = 0) -> Any:
     if kind == "null":
         return None
     return f"{path.lstrip('$.')} {_digest(seed, path) % 10**8:08d}: {_snippet(seed)}"
+
+
+def broken_response(fault: Fault, response: dict) -> Raw:
+    """The good `response` damaged the way `fault` says."""
+    data = json.dumps(response).encode()
+    if fault.kind == "truncated":
+        return Raw(data[: len(data) // 2])
+    if fault.kind == "empty":
+        return Raw(b"")
+    if fault.kind == "body":
+        body = fault.body
+        return Raw((body if isinstance(body, str) else json.dumps(body)).encode())
+    if fault.kind == "html":
+        return Raw(b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+    if fault.kind == "wrong_type":
+        return Raw(data, "text/plain")
+    if fault.kind == "cut":
+        return Raw(data, cut=True)
+    if fault.kind == "bad_utf8":
+        content = response["choices"][0]["message"]["content"] or ""
+        return Raw(data.replace(json.dumps(content).encode(), b'"caf\xe9 \xff\xfe"', 1))
+    if fault.kind == "surrogate":
+        # Inside the first string of JSON content (so it survives schema validation), or in
+        # front of plain text; ensure_ascii sends it as the escape \ud800.
+        message = response["choices"][0]["message"]
+        content = message["content"] or ""
+        quote = content.find(': "') if content.startswith("{") else -1
+        at = quote + 3 if quote >= 0 else 0
+        message["content"] = content[:at] + "\ud800" + content[at:]
+        return Raw(json.dumps(response).encode())
+    if fault.kind == "gzip":
+        return Raw(data, headers={"Content-Encoding": "gzip"})
+    raise ValueError(f"not a response fault: {fault.kind}")
 
 
 def _snippet(text: str, words: int = 12) -> str:
@@ -244,13 +299,19 @@ class OpenAIServer:
                     writer.transport.abort()
                     return
                 status, payload, extra = answer
-                data = json.dumps(payload).encode()
+                raw = payload if isinstance(payload, Raw) else Raw(json.dumps(payload).encode())
                 reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                           429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "")
-                out = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
-                       f"Content-Length: {len(data)}", "Connection: keep-alive"]
-                out += [f"{k}: {v}" for k, v in extra.items()]
-                writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + data)
+                out = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {raw.content_type}",
+                       f"Content-Length: {len(raw.data)}", "Connection: keep-alive"]
+                out += [f"{k}: {v}" for k, v in {**extra, **raw.headers}.items()]
+                head = ("\r\n".join(out) + "\r\n\r\n").encode()
+                if raw.cut:
+                    writer.write(head + raw.data[: len(raw.data) // 2])
+                    await writer.drain()
+                    writer.transport.abort()
+                    return
+                writer.write(head + raw.data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -261,7 +322,7 @@ class OpenAIServer:
 
     async def _handle(
         self, method: str, path: str, headers: dict, body: bytes
-    ) -> tuple[int, Any, dict] | None:
+    ) -> tuple[int, Any, dict] | None:  # the payload: a JSON value, or Raw bytes
         if path == "/control/stats":
             s = self.stats
             return 200, {"requests": s.requests, "faults": s.faults, "by_schema": s.by_schema,
@@ -338,7 +399,7 @@ class OpenAIServer:
                        f"Reference {_digest(text) % 10**8:08d}.")
         prompt_tokens = len(text) // 4 + 85 * images
         completion_tokens = len(content or refusal or "") // 4
-        return 200, {
+        response = {
             "id": f"chatcmpl-{_digest(text, str(time.time_ns())) % 10**12}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -350,7 +411,10 @@ class OpenAIServer:
             }],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        }, {}
+        }
+        if fault is not None and fault.kind in RESPONSE_FAULTS:
+            return 200, broken_response(fault, response), {}
+        return 200, response, {}
 
     def serve_forever(self) -> None:
         asyncio.run(self._main())
