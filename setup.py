@@ -11,6 +11,7 @@ PACKAGES = {
     "safevid": "safevid",
     "safevid.models": "safevid/models",
     "safevid.data": "safevid/data",
+    "safevid.eval": "safevid/eval",
     "safevid.kernels": "kernels",
     "safevid.launcher": "launcher",
     "safevid.data_prep": "data_prep",
@@ -25,6 +26,7 @@ setup(
     package_dir=PACKAGES,
     package_data={
         "safevid": ["assets/*", "assets/**/*"],
+        "safevid.eval": ["*.md"],
         "safevid.data_prep": ["taxonomy/*.yaml", "prompts/*", "prompts/**/*"],
     },
     include_package_data=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -37,15 +38,15 @@ def main(argv: list[str]) -> int:
     config = str(resolve_path(DEMO_CONFIG))
     overrides = [f"output_dir={args.out}", *args.overrides]
     cfg = load_config(config, overrides)
-    print(f"[1/3] demo data and tiny model in {cfg.demo.assets_dir}", flush=True)
+    print(f"[1/4] demo data and tiny model in {cfg.demo.assets_dir}", flush=True)
     ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
-    print(f"[2/3] ZeRO-3 DPO on {args.nproc} processes -> {args.out}", flush=True)
+    print(f"[2/4] ZeRO-3 DPO on {args.nproc} processes -> {args.out}", flush=True)
     cmd, env = launch_command([config, *overrides], nproc=args.nproc)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         print(f"safevid demo: training failed (exit {rc})", file=sys.stderr)
         return rc
-    print("[3/3] evaluation and curves", flush=True)
+    print("[3/4] held-out reward accuracy and curves", flush=True)
     out = Path(args.out)
     summary = json.loads((out / "summary.json").read_text())
     png = plot_run(out)
@@ -65,4 +66,59 @@ def main(argv: list[str]) -> int:
         print(f"{key:<{width}}  {_fmt(value):>9}")
     print("-" * (width + 12))
     print(f"metrics: {out / 'metrics.jsonl'}\ncurves:  {png}\nmodel:   {out / 'hf'}")
+    return _before_after(Path(cfg.demo.assets_dir), out)
+
+
+def _before_after(assets: Path, out: Path) -> int:
+    """The demo benchmark answered by the initial and the trained model, judged by the
+    offline heuristic judge (there is no judge server here), and compared per category."""
+    from safevid.demo_assets import ASSETS
+    from safevid.eval.cli import main as eval_main
+    from safevid.eval.compare import compare_dirs, compare_table
+
+    print("\n[4/4] demo benchmark before and after alignment (offline heuristic judge)",
+          flush=True)
+    runs = {"before": assets / "model", "after": out / "hf"}
+    for name, model in runs.items():
+        # Derived from this run's model: made afresh, so a rerun never mixes in old answers.
+        shutil.rmtree(out / f"eval_{name}", ignore_errors=True)
+        rc = eval_main(["--model", str(model), "--bench", str(ASSETS / "demo_bench.jsonl"),
+                        "--videos", str(assets / "videos"), "--out", str(out / f"eval_{name}"),
+                        "--max-new-tokens", "32", "--no-progress"])
+        if rc != 0:
+            print(f"safevid demo: evaluation of the {name} model failed (exit {rc})",
+                  file=sys.stderr)
+            return rc
+    print("\nHeld-out preference pairs, judge-free: DPO reward accuracy and margin of the policy")
+    print("against the initial model (before training the two are the same model, so every")
+    print("reward is 0: accuracy 0, margin 0)")
+    print(_reward_table(out / "eval_heldout.jsonl"))
+    comparison = compare_dirs(out / "eval_before", out / "eval_after", out)
+    overall = {**comparison, "rows": [r for r in comparison["rows"] if r["category"] == "overall"]}
+    print("\nDemo benchmark, before (A) vs after (B) DPO, overall (per category: compare.md).")
+    print("The tiny model writes no real text, so the heuristic judge sees little change here;")
+    print("the same command with a real model and an LLM judge gives the SafeVidBench comparison.")
+    print(compare_table(overall))
+    print(f"reports: {out / 'eval_before' / 'report.md'}, {out / 'eval_after' / 'report.md'}, "
+          f"{out / 'compare.md'}")
     return 0
+
+
+def _reward_table(path: Path) -> str:
+    """Reward accuracy and mean margin per top-level category of the held-out pairs."""
+    from safevid.demo_assets import demo_records
+
+    category = {p["id"]: p["category"].split("/")[0] for p in demo_records()[1]}
+    groups: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        margin = row["rewards/chosen"] - row["rewards/rejected"]
+        for key in ("overall", category.get(row["id"], "(unknown)")):
+            groups.setdefault(key, []).append(margin)
+    lines = [f"{'category':<22} {'pairs':>5}  {'accuracy':>17}  {'margin':>15}"]
+    for key in sorted(groups, key=lambda k: (k != "overall", k)):
+        m = groups[key]
+        acc = sum(x > 0 for x in m) / len(m)
+        lines.append(f"{key:<22} {len(m):>5}  {'0.000 -> ' + f'{acc:.3f}':>17}  "
+                     f"{'0.00 -> ' + f'{sum(m) / len(m):.2f}':>15}")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Benchmark evaluation on one GPU: `sbatch slurm/eval.sh --model RUN_DIR/hf --bench FILE --out DIR
+# [--judge-base-url URL --judge-model NAME] ...` on a cluster, or the same with `bash` on this
+# machine. Every argument goes to `safevid eval` (see docs/evaluation.md). Resumable: submit the
+# same command again after a time limit or a preemption and it continues where it stopped.
+# The judge's key comes from OPENAI_API_KEY in the submitting environment (sbatch exports it).
+#
+# Edit these defaults for your cluster (command-line sbatch options override them):
+#SBATCH --job-name=safevid-eval
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=08:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --error=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
+elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+else py=python3; fi
+
+if [ $# -eq 0 ]; then
+  echo "usage: [sbatch|bash] slurm/eval.sh --model DIR --bench FILE --out DIR [safevid eval options]" >&2
+  exit 2
+fi
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "eval.sh: job ${SLURM_JOB_ID} on ${SLURMD_NODENAME:-?}, restart ${SLURM_RESTART_COUNT:-0}: $*" >&2
+fi
+exec "$py" -m safevid eval "$@"
