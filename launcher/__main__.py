@@ -29,17 +29,29 @@ FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m safevid.launcher", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m safevid.launcher", description=__doc__.splitlines()[0],
+        epilog="After these flags: the command's own arguments (for train: CONFIG key=value ...; "
+               "for eval: the options of `safevid eval`).")
     p.add_argument("--nnodes", type=int, default=None, help="nodes in the job (not under Slurm)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index (not under Slurm)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous host (not under Slurm)")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes on this node (default: visible GPUs, else NPROC_PER_NODE or 2)")
+    p.add_argument("--command", choices=("train", "eval"), default="train",
+                   help="what each process runs: `safevid train` (default) or `safevid eval`")
     p.add_argument("--write-hostfile", metavar="PATH", default=None,
                    help="write a DeepSpeed hostfile for this job's nodes and exit")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="CONFIG and key=value overrides")
-    return p.parse_args(argv)
+    # The launcher's own flags come first; everything from the first other word on belongs to
+    # the command (`safevid eval` takes --options of its own, which argparse would claim).
+    own = {a for action in p._actions for a in action.option_strings}
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in own:
+        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2
+    args = p.parse_args(argv[:i])
+    args.train_args = argv[i:]
+    return args
 
 
 def placed_by_slurm(args: argparse.Namespace) -> bool:
@@ -54,12 +66,13 @@ def node_spec(args: argparse.Namespace, under_slurm: bool) -> NodeSpec:
     return from_flags(args.nnodes or 1, args.node_rank, args.master_addr, args.master_port)
 
 
-def deepspeed_command(spec: NodeSpec, ids: list[str], train_args: list[str]) -> list[str]:
+def deepspeed_command(spec: NodeSpec, ids: list[str], args: list[str],
+                      command: str = "train") -> list[str]:
     return [
         sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={spec.world_info(ids)}",
         f"--node_rank={spec.node_rank}", f"--master_addr={spec.master_addr}",
         f"--master_port={spec.master_port}", "--no_local_rank", "--log_level=warning",
-        "--module", "safevid", "train", *train_args,
+        "--module", "safevid", command, *args,
     ]
 
 
@@ -150,13 +163,14 @@ def main(argv: list[str]) -> int:
     for path in sweep_stale_shm():
         print(f"safevid launcher: removed {path}, left behind by a killed run", file=sys.stderr)
     started = time.time()
-    rc = run_node(deepspeed_command(spec, ids, args.train_args), launch_env(len(ids)))
+    rc = run_node(deepspeed_command(spec, ids, args.train_args, args.command),
+                  launch_env(len(ids)))
     if rc != 0:
         print(f"safevid launcher: node {spec.node_rank} ({socket.gethostname()}, ranks "
               f"{spec.node_rank * len(ids)}..{spec.node_rank * len(ids) + len(ids) - 1}): "
               f"training failed with exit code {rc}", file=sys.stderr, flush=True)
         return rc
-    if spec.node_rank == 0:
+    if spec.node_rank == 0 and args.command == "train":
         requeue_if_stopped(args.train_args, started, under_slurm)
     return 0
 

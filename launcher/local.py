@@ -52,9 +52,10 @@ def launch_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def launch_command(train_args: list[str], nproc: int | None = None) -> tuple[list[str], dict]:
+def launch_command(args: list[str], nproc: int | None = None,
+                   command: str = "train") -> tuple[list[str], dict]:
     """`safevid.launcher` for this machine alone (the demo and the tests use it)."""
-    cmd = [sys.executable, "-m", "safevid.launcher"]
+    cmd = [sys.executable, "-m", "safevid.launcher", "--command", command]
     if nproc:
         cmd += ["--nproc-per-node", str(nproc)]
-    return [*cmd, *train_args], launch_env(nproc or DEFAULT_CPU_PROCS)
+    return [*cmd, *args], launch_env(nproc or DEFAULT_CPU_PROCS)

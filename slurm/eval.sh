@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Benchmark evaluation on one GPU: `sbatch slurm/eval.sh --model RUN_DIR/hf --bench FILE --out DIR
+# Benchmark evaluation: `sbatch slurm/eval.sh --model RUN_DIR/hf --bench FILE --out DIR
 # [--judge-base-url URL --judge-model NAME] ...` on a cluster, or the same with `bash` on this
-# machine. Every argument goes to `safevid eval` (see docs/evaluation.md). Resumable: submit the
+# machine. Every argument goes to `safevid eval` (see docs/evaluation.md). Generation runs one
+# process per visible GPU through the training launcher (the answers are the same for any
+# number); off a GPU, NPROC_PER_NODE processes (default 1 here). Resumable: submit the
 # same command again after a time limit or a preemption and it continues where it stopped.
 # The judge's key comes from OPENAI_API_KEY in the submitting environment (sbatch exports it).
 #
@@ -30,4 +32,10 @@ fi
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "eval.sh: job ${SLURM_JOB_ID} on ${SLURMD_NODENAME:-?}, restart ${SLURM_RESTART_COUNT:-0}: $*" >&2
 fi
-exec "$py" -m safevid eval "$@"
+# Off a cluster and without a GPU, one CPU process; under Slurm a job without a visible GPU is
+# refused by the launcher (set NPROC_PER_NODE to run CPU processes on purpose).
+if [ -z "${NPROC_PER_NODE:-}" ] && [ -z "${SLURM_JOB_ID:-}" ] \
+   && [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" = 0 ]; then
+  export NPROC_PER_NODE=1
+fi
+exec "$py" -m safevid.launcher --command eval "$@"

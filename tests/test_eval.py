@@ -486,3 +486,29 @@ def test_heuristic_eval_end_to_end_and_compare(demo_assets, tmp_path, capsys):
     assert any("heuristic" in w for w in comparison["warnings"])
     assert "harmless (harmful)" in (tmp_path / "compare.md").read_text()
     assert "overall" in compare_table(comparison)
+
+
+def test_two_processes_through_the_launcher_give_the_same_answers(demo_assets, tmp_path):
+    from safevid.launcher import launch_command
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(demo_rows(12)) + "\n")
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        args = eval_cmd(demo_assets, bench, out)[4:]  # after `python -m safevid eval`
+        cmd, env = launch_command(args, nproc=world, command="eval")
+        done = subprocess.run(cmd, env={**env, **child_env(), "DS_ACCELERATOR": "cpu"},
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"{world} process(es)" in done.stderr
+        assert not list(out.glob("answers.part-*")), "per-process parts are merged and removed"
+        outs[world] = out
+    # 3 batches of 4: the second process made batch 1, the first batches 0 and 2; merged in
+    # item order, the file is the one process's byte for byte.
+    one, two = ((outs[w] / "answers.jsonl").read_text() for w in (1, 2))
+    assert one == two
+    assert [r["id"] for r in lines(outs[2] / "answers.jsonl")] == \
+        [json.loads(r)["id"] for r in demo_rows(12)]
+    assert json.loads((outs[1] / "report.json").read_text())[OVERALL] == \
+        json.loads((outs[2] / "report.json").read_text())[OVERALL]

@@ -2,7 +2,10 @@
 
     safevid eval --model DIR --bench FILE --out DIR [--judge-base-url URL --judge-model NAME]
     safevid eval --compare A B [--out DIR]
+    python -m safevid.launcher --command eval --nproc-per-node N --model ...   # N processes
 
+Generation splits over the processes that the training launcher starts (one per GPU; the
+answers do not depend on how many); the first process then merges, judges and reports.
 Every stage is resumable: run the same command again on the same --out after an interruption.
 The judge's API key is read from OPENAI_API_KEY and never written anywhere.
 """
@@ -80,14 +83,57 @@ def _check_manifest(out: Path, manifest: dict) -> str | None:
     return None
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) under the launcher, joined over gloo: generation needs no collective
+    but two barriers, and gloo serves those on GPU hosts too. Generating a large bench can keep
+    the first process waiting for hours, hence the long timeout."""
+    import os
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    return dist.get_rank(), world
+
+
+def _agree(rank: int, world: int, value):
+    """Rank 0's `value` on every rank (so that every process takes the same exit)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run(args: argparse.Namespace) -> int:
+    rank, world = _process_group()
+    try:
+        return _run(args, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> int:
+    import os
+
     from safevid.data_prep.rejects import Rejects
     from safevid.eval.bench import BenchError, load_bench
     from safevid.eval.generate import (
         LocalModel,
         default_num_frames,
         generate_answers,
+        merge_answer_logs,
         read_answers,
+        read_video_errors,
+        video_reject,
     )
     from safevid.eval.judge import JudgeSettings, judge_answers, read_judgments
     from safevid.eval.report import build_report, summary_table, write_report
@@ -108,28 +154,53 @@ def run(args: argparse.Namespace) -> int:
         model=args.judge_model or "", base_url=args.judge_base_url,
         concurrency=args.judge_concurrency, timeout=args.judge_timeout,
         max_retries=args.judge_max_retries, backoff_base=args.judge_backoff, rpm=args.judge_rpm)
-    problem = _check_manifest(out, {"generation": generation, "judge": settings.describe()})
+    problem = None
+    if rank == 0:
+        problem = _check_manifest(out, {"generation": generation, "judge": settings.describe()})
+    problem = _agree(rank, world, problem)
     if problem:
-        print(f"safevid eval: {problem}", file=sys.stderr)
+        if rank == 0:
+            print(f"safevid eval: {problem}", file=sys.stderr)
         return 2
     try:
         bench = load_bench(args.bench, args.format, args.videos, args.kind, args.limit)
     except BenchError as exc:
-        print(f"safevid eval: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"safevid eval: {exc}", file=sys.stderr)
         return 2
-    rejects = Rejects(out / "rejects.jsonl", fresh=True, prefix="safevid eval")
-    for r in bench.rejects:
-        rejects.add(r.source, r.reason, id=r.id, category=r.category)
-    print(f"bench: {len(bench.items)} items, {len(bench.rejects)} rejected rows; model "
-          f"{model_dir} ({frames} frames from {frames_from})", file=sys.stderr)
+    if rank == 0:
+        print(f"bench: {len(bench.items)} items, {len(bench.rejects)} rejected rows; model "
+              f"{model_dir} ({frames} frames from {frames_from}), {world} process(es)",
+              file=sys.stderr)
+    device = args.device
+    if device is None and world > 1:
+        import torch
 
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    answers_path = out / "answers.jsonl"
     gen = generate_answers(
-        bench.items, lambda: LocalModel(model_dir, frames, args.device, args.dtype),
-        out / "answers.jsonl", args.batch_size, args.max_new_tokens, args.temperature,
-        args.seed, progress=not args.no_progress)
-    for r in gen.rejected:
+        bench.items, lambda: LocalModel(model_dir, frames, device, args.dtype),
+        answers_path, args.batch_size, args.max_new_tokens, args.temperature,
+        args.seed, progress=not args.no_progress and rank == 0, rank=rank, world=world)
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        count = torch.tensor([gen.generated])
+        dist.all_reduce(count)  # also the barrier: every part is complete after it
+        gen.generated = int(count.item())
+        if rank != 0:
+            return 0
+        merge_answer_logs(answers_path, bench.items)
+    # Undecodable videos, whichever process met them (and in which run), from the merged log.
+    video_errors = read_video_errors(answers_path)
+    answers = read_answers(answers_path)
+    gen.rejected = [video_reject(item, video_errors[item.id]["video_error"])
+                    for item in bench.items if item.id in video_errors and item.id not in answers]
+    rejects = Rejects(out / "rejects.jsonl", fresh=True, prefix="safevid eval")
+    for r in bench.rejects + gen.rejected:
         rejects.add(r.source, r.reason, id=r.id, category=r.category)
-    answers = read_answers(out / "answers.jsonl")
     judged = judge_answers(bench.items, answers, out, settings, progress=not args.no_progress)
 
     generation.update(generated=gen.generated, resumed=gen.resumed)

@@ -11,6 +11,11 @@ holds any unanswered item is generated whole (answered items in it are generated
 dropped). A resumed run therefore gives the exact answers of an uninterrupted one, padding and
 sampling seeds included. An item whose frames do not decode is rejected once and recorded in
 the same log (`video_error`), so a restart does not read it again.
+
+Several processes (one per GPU, started by the training launcher) split the batches: process r
+of W takes batches r, r+W, ... and appends to its own `answers.part-<r>.jsonl`. Since a batch's
+answers do not depend on which process makes them, 1 and W processes give the same answers;
+`merge_answer_logs` then writes one `answers.jsonl` in item order. A resume may use another W.
 """
 
 from __future__ import annotations
@@ -178,23 +183,51 @@ class LocalModel:
         return answers
 
 
+def _logs(path: Path) -> list[Path]:
+    """The merged log and the per-process parts beside it (an interrupted multi-process run)."""
+    return [path, *sorted(path.parent.glob(f"{path.stem}.part-*{path.suffix}"))]
+
+
+def _all_records(path: Path) -> list[dict]:
+    return [r for log in _logs(path) for r in read_records(log)]
+
+
 def read_answers(path: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_records(path) if "answer" in r}
+    return {r["id"]: r for r in _all_records(path) if "answer" in r}
 
 
 def read_video_errors(path: Path) -> dict[str, dict]:
     """Items whose frames did not decode, recorded in the answers log so no rerun retries them."""
-    return {r["id"]: r for r in read_records(path) if "video_error" in r}
+    return {r["id"]: r for r in _all_records(path) if "video_error" in r}
 
 
-def _video_reject(item: BenchItem, reason: str) -> Reject:
+def merge_answer_logs(path: Path, items: list[BenchItem]) -> None:
+    """One `path` in item order from it and its parts; written beside and renamed into place."""
+    parts = _logs(path)[1:]
+    if not parts:
+        return
+    answers, errors = read_answers(path), read_video_errors(path)
+    records = [answers.get(item.id) or errors.get(item.id) for item in items]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a merge cut off earlier
+    with AppendLog(tmp) as log:
+        for record in filter(None, records):
+            log.append(record)
+    tmp.replace(path)
+    for part in parts:
+        part.unlink()
+
+
+def video_reject(item: BenchItem, reason: str) -> Reject:
     return Reject(f"{item.id} ({item.source})", reason, item.id, item.category)
 
 
 def generate_answers(items: list[BenchItem], make_model: Callable[[], LocalModel], path: Path,
                      batch_size: int, max_new_tokens: int, temperature: float = 0.0,
-                     seed: int = 0, progress: bool = True) -> GenerationStats:
-    """Answer every item not yet in `path`; the model is built only when there is work."""
+                     seed: int = 0, progress: bool = True, rank: int = 0,
+                     world: int = 1) -> GenerationStats:
+    """Answer every item not yet in `path` (or its parts); the model is built only when there is
+    work. With `world` > 1 this process takes every world-th batch and writes its own part."""
     from tqdm import tqdm
 
     from safevid.data_prep.frames import VideoError
@@ -205,17 +238,18 @@ def generate_answers(items: list[BenchItem], make_model: Callable[[], LocalModel
     by_id = {item.id: item for item in items}
     for item_id, record in errors.items():
         if item_id in by_id and item_id not in done:
-            stats.rejected.append(_video_reject(by_id[item_id], record["video_error"]))
+            stats.rejected.append(video_reject(by_id[item_id], record["video_error"]))
     done.update((i, r) for i, r in errors.items() if i not in done)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     todo = [(b, batch) for b, batch in enumerate(batches)
-            if any(item.id not in done for item in batch)]
+            if b % world == rank and any(item.id not in done for item in batch)]
     if not todo:
         return stats
     model = make_model()
     bar = tqdm(total=sum(item.id not in done for _, batch in todo for item in batch),
                desc="generate", unit="answer", disable=not progress, file=sys.stderr)
-    with AppendLog(path) as log:
+    log_path = path if world == 1 else path.with_name(f"{path.stem}.part-{rank}{path.suffix}")
+    with AppendLog(log_path) as log:
         for b, batch in todo:
             usable, pixels = [], []
             for item in batch:
@@ -225,7 +259,7 @@ def generate_answers(items: list[BenchItem], make_model: Callable[[], LocalModel
                 except VideoError as exc:
                     if item.id not in done:
                         log.append({"id": item.id, "video_error": str(exc)})
-                        stats.rejected.append(_video_reject(item, str(exc)))
+                        stats.rejected.append(video_reject(item, str(exc)))
                         bar.update(1)
             if not usable:
                 continue
@@ -242,4 +276,4 @@ def generate_answers(items: list[BenchItem], make_model: Callable[[], LocalModel
 
 
 __all__ = ["DEFAULT_FRAMES", "Answer", "GenerationStats", "LocalModel", "default_num_frames",
-           "generate_answers", "is_runaway", "read_answers"]
+           "generate_answers", "is_runaway", "merge_answer_logs", "read_answers"]
