@@ -512,3 +512,93 @@ def test_two_processes_through_the_launcher_give_the_same_answers(demo_assets, t
         [json.loads(r)["id"] for r in demo_rows(12)]
     assert json.loads((outs[1] / "report.json").read_text())[OVERALL] == \
         json.loads((outs[2] / "report.json").read_text())[OVERALL]
+
+
+class GeneratorServer:
+    """An OpenAI-compatible server standing in for vLLM serving the policy, on 127.0.0.1: it
+    answers from the question text, records each request's video part, and fails every request
+    whose question contains `fail_on` with HTTP 500."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                parts = body["messages"][0]["content"]
+                question = next(p["text"] for p in parts if p["type"] == "text")
+                video = next(p["video_url"]["url"] for p in parts if p["type"] == "video_url")
+                server.requests.append({"question": question, "video": video, "body": body})
+                if server.fail_on and server.fail_on in question:
+                    status, payload = 500, {"error": {"message": "injected 500"}}
+                else:
+                    status, payload = 200, {
+                        "id": "gen-1", "object": "chat.completion", "created": 0,
+                        "model": body["model"], "usage": {"prompt_tokens": 100,
+                                                          "completion_tokens": 7},
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                            "role": "assistant",
+                            "content": f"I cannot help with that: {question[:20]}"}}]}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> GeneratorServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_answers_from_a_generation_server_reject_only_failed_items(demo_assets, tmp_path):
+    import base64
+
+    from safevid.eval.cli import main
+
+    rows = [json.loads(r) for r in demo_rows(6)]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    doomed = rows[2]["query"]
+    with GeneratorServer(fail_on=doomed) as server:
+        args = ["--bench", str(bench), "--videos", str(demo_assets / "videos"), "--out", str(out),
+                "--generator-base-url", server.base_url, "--generator-model", "served-policy",
+                "--judge-max-retries", "1", "--judge-backoff", "0.01", "--no-progress"]
+        assert main(args) == 0
+        # The whole video travels, as a base64 mp4 data URL before the question.
+        sent = server.requests[0]
+        assert sent["body"]["model"] == "served-policy" and sent["body"]["temperature"] == 0.0
+        assert sent["video"].startswith("data:video/mp4;base64,")
+        assert base64.b64decode(sent["video"].split(",", 1)[1])[4:8] == b"ftyp"
+        answered = lines(out / "answers.jsonl")
+        assert sorted(a["id"] for a in answered) == sorted(r["id"] for r in rows if r is not rows[2])
+        assert all(a["answer"].startswith("I cannot help with that") and a["finished"]
+                   for a in answered)
+        report = json.loads((out / "report.json").read_text())
+        assert report[OVERALL]["rejected"] == 1 and report[OVERALL]["judged"] == 5
+        assert_counts_add_up(report)
+        reject = json.loads((out / "rejects.jsonl").read_text())
+        assert reject["id"] == rows[2]["id"] and "generation server" in reject["reason"]
+
+        # The failed item was not written off: the next run asks for it, and only for it.
+        server.fail_on, before = None, len(server.requests)
+        assert main(args) == 0
+        assert [r["question"] for r in server.requests[before:]] == [doomed]
+        assert len(lines(out / "answers.jsonl")) == 6
+        assert json.loads((out / "report.json").read_text())[OVERALL]["rejected"] == 0

@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safevid eval", description=__doc__.splitlines()[0])
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="compare two eval output dirs (A before, B after) instead of running")
-    p.add_argument("--model", help="transformers model dir (a run's RUN_DIR/hf)")
+    p.add_argument("--model", help="transformers model dir (a run's RUN_DIR/hf); not needed with "
+                                   "--generator-base-url")
     p.add_argument("--bench", help="benchmark file (JSONL)")
     p.add_argument("--format", default="safevid", choices=("safevid", "video-safetybench"))
     p.add_argument("--kind", choices=("harmful", "implicit", "benign"),
@@ -55,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bf16 on a GPU that has it, else fp32")
     g.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--generator-base-url", help="answers from this OpenAI-compatible server (e.g. "
+                   "vLLM serving the policy) instead of a local model")
+    g.add_argument("--generator-model", help="the served model's name (with --generator-base-url)")
+    g.add_argument("--generator-concurrency", type=int, default=16)
     j = p.add_argument_group("judge (default: the offline heuristic)")
     j.add_argument("--judge-base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
     j.add_argument("--judge-model", help="judge model name; enables the LLM judge")
@@ -141,12 +146,27 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     if args.judge_base_url and not args.judge_model:
         print("safevid eval: --judge-base-url needs --judge-model", file=sys.stderr)
         return 2
+    if bool(args.generator_base_url) != bool(args.generator_model):
+        print("safevid eval: --generator-base-url and --generator-model go together",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model).resolve()
-    frames, frames_from = ((args.frames, "--frames") if args.frames
-                           else default_num_frames(model_dir))
-    generation = {"model": str(model_dir), "model_files": model_fingerprint(model_dir),
+    server = None
+    if args.generator_base_url:
+        from safevid.eval.server_generate import ServerModel, ServerSettings
+
+        server = ServerModel(ServerSettings(
+            args.generator_base_url, args.generator_model, args.generator_concurrency,
+            max_retries=args.judge_max_retries, backoff_base=args.judge_backoff, seed=args.seed))
+        model_name, files = f"{args.generator_model} (served)", []
+        frames, frames_from = 0, "the generation server"
+    else:
+        model_dir = Path(args.model).resolve()
+        model_name, files = str(model_dir), model_fingerprint(model_dir)
+        frames, frames_from = ((args.frames, "--frames") if args.frames
+                               else default_num_frames(model_dir))
+    generation = {"model": model_name, "model_files": files,
                   "frames": frames, "frames_from": frames_from,
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                   "seed": args.seed, "dtype": args.dtype, "batch_size": args.batch_size}
@@ -170,7 +190,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
         return 2
     if rank == 0:
         print(f"bench: {len(bench.items)} items, {len(bench.rejects)} rejected rows; model "
-              f"{model_dir} ({frames} frames from {frames_from}), {world} process(es)",
+              f"{model_name} ({frames or 'its'} frames from {frames_from}), {world} process(es)",
               file=sys.stderr)
     device = args.device
     if device is None and world > 1:
@@ -180,7 +200,8 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     answers_path = out / "answers.jsonl"
     gen = generate_answers(
-        bench.items, lambda: LocalModel(model_dir, frames, device, args.dtype),
+        bench.items, (lambda: server) if server else
+        (lambda: LocalModel(model_dir, frames, device, args.dtype)),
         answers_path, args.batch_size, args.max_new_tokens, args.temperature,
         args.seed, progress=not args.no_progress and rank == 0, rank=rank, world=world)
     if world > 1:
@@ -198,6 +219,8 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     answers = read_answers(answers_path)
     gen.rejected = [video_reject(item, video_errors[item.id]["video_error"])
                     for item in bench.items if item.id in video_errors and item.id not in answers]
+    # Server failures are rejected for this report only: not logged, so a rerun asks again.
+    gen.rejected += [video_reject(item, reason) for item, reason in (server.failures if server else [])]
     rejects = Rejects(out / "rejects.jsonl", fresh=True, prefix="safevid eval")
     for r in bench.rejects + gen.rejected:
         rejects.add(r.source, r.reason, id=r.id, category=r.category)
@@ -233,7 +256,8 @@ def main(argv: list[str]) -> int:
         print(compare_table(comparison))
         print(f"written: {Path(args.out or '.') / 'compare.md'}, compare.json")
         return 0
-    missing = [f"--{k}" for k in ("model", "bench", "out") if not getattr(args, k)]
+    needed = ("bench", "out") if args.generator_base_url else ("model", "bench", "out")
+    missing = [f"--{k}" for k in needed if not getattr(args, k)]
     if missing:
         p.error(f"{', '.join(missing)} required (or --compare A B)")
     return run(args)

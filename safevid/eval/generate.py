@@ -252,6 +252,10 @@ def generate_answers(items: list[BenchItem], make_model: Callable[[], LocalModel
     with AppendLog(log_path) as log:
         for b, batch in todo:
             usable, pixels = [], []
+            if getattr(model, "items_independent", False):
+                # A server answers each request alone: nothing to keep alike, so only the
+                # unanswered items go out again.
+                batch = [item for item in batch if item.id not in done]
             for item in batch:
                 try:
                     pixels.append(model.pixels(item.video))
