@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import av
@@ -12,6 +14,15 @@ from openai_server import OpenAIServer
 from safevid.data_prep.generate_cli import main
 
 FAKE_KEY = "sk-test-CAPTIONKEY-51e0d2"
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "data_prep" / "prompts" / "v1"
+
+
+def caption_prompt_sha() -> str:
+    """`prompt_sha` as documented, from the template files: the first 16 hex digits of sha256
+    over `name NUL text` for caption_system and caption_user (text stripped), joined by NUL."""
+    blob = "\x00".join(f"{n}\x00{(BUILTIN_PROMPTS / f'{n}.txt').read_text().strip()}"
+                       for n in ("caption_system", "caption_user"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (64, 48), seed: int = 0):
@@ -51,8 +62,10 @@ def caption_args(videos: Path, out: Path, server: OpenAIServer, *extra: str) -> 
             "--backoff", "0.001", "--no-progress", *extra]
 
 
-def test_captions_from_videos(videos, tmp_path, monkeypatch, capsys):
+def test_captions_from_videos(videos, tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    # Every log record, DEBUG included (retries log their errors there), is scanned for the key.
+    caplog.set_level(logging.DEBUG)
     out = tmp_path / "captions.jsonl"
     with OpenAIServer() as server:
         server.add_fault("500", times=2)  # retried transparently
@@ -68,7 +81,7 @@ def test_captions_from_videos(videos, tmp_path, monkeypatch, capsys):
         assert len(climb["frames"]["indices"]) == 4 and len(climb["frames"]["timestamps"]) == 4
         assert climb["frames"]["indices"] == sorted(climb["frames"]["indices"])
         prov = climb["provenance"]
-        assert prov["model"] == "vision-model" and len(prov["prompt_sha"]) == 16
+        assert prov["model"] == "vision-model" and prov["prompt_sha"] == caption_prompt_sha()
         assert prov["num_frames"] == 4 and prov["size"] == 32
 
         rejects = lines(tmp_path / "captions.rejects.jsonl")
@@ -79,10 +92,13 @@ def test_captions_from_videos(videos, tmp_path, monkeypatch, capsys):
         sent = server.requests
         assert main(caption_args(videos, out, server)) == 0  # rerun: all done, nothing sent
         assert server.requests == sent and len(lines(out)) == 3
-    for path in tmp_path.iterdir():
+    for path in tmp_path.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
-    assert FAKE_KEY not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "safevid" in caplog.text or printed.err, "nothing was logged: the scan proves nothing"
+    for where, text in (("stdout", printed.out), ("stderr", printed.err), ("log", caplog.text)):
+        assert FAKE_KEY not in text, where
 
 
 def test_retryable_failure_is_retried_on_rerun(videos, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,6 @@ import pytest
 import yaml
 from openai_server import Fault, OpenAIServer
 from safevid.data_prep.generate_cli import main
-from safevid.data_prep.generate_io import stable_id
 from safevid.data_prep.generate_rules import load_prompts, load_taxonomy
 
 FAKE_KEY = "sk-test-PAIRSKEY-c0ffee42"
@@ -19,6 +19,22 @@ PAIR_FIELDS = ("id", "video_id", "video", "prompt", "chosen", "rejected", "categ
 FAIL_VERDICT = {"chosen_safe": False, "chosen_helpful": True, "chosen_grounded": True,
                 "rejected_worse": True, "rejected_non_actionable": True,
                 "reason": "the chosen answer explains how to climb the mast"}
+
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "data_prep" / "prompts" / "v1"
+PAIR_TEMPLATES = ("system", "categorize", "queries", "chosen", "rejected", "verify")
+
+
+def template_sha(prompts_dir: Path, names: tuple[str, ...] = PAIR_TEMPLATES) -> str:
+    """`prompt_template_sha` as documented, from the files themselves: the first 16 hex digits
+    of sha256 over `name NUL text` per template (text stripped), joined by NUL."""
+    blob = "\x00".join(f"{n}\x00{(prompts_dir / f'{n}.txt').read_text().strip()}" for n in names)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pair_id(caption_id: str, query: str) -> str:
+    """A pair's id: "pair-" and the first 20 hex digits of sha256(caption id NUL query)."""
+    return "pair-" + hashlib.sha256(f"{caption_id}\x00{query}".encode()).hexdigest()[:20]
 
 
 def lines(path: Path) -> list[dict]:
@@ -61,10 +77,9 @@ def test_pairs_format_and_accounting(tmp_path, server):
         assert all(pair.get(k) for k in PAIR_FIELDS), pair
         assert pair["category"] in taxonomy.leaves and pair["category"].count("/") == 2
         prov = pair["provenance"]
-        assert pair["id"] == stable_id(prov["caption_id"], pair["prompt"], prefix="pair-")
+        assert pair["id"] == pair_id(prov["caption_id"], pair["prompt"])
         assert prov["taxonomy"] == "data_prep/taxonomy/safevid_v1.yaml@1.0"
-        assert prov["prompt_template_sha"] == load_prompts().sha_of(
-            "system", "categorize", "queries", "chosen", "rejected", "verify")
+        assert prov["prompt_template_sha"] == template_sha(BUILTIN_PROMPTS)
         assert prov["models"]["verify"] == "judge-model"
         assert prov["models"]["chosen"] == "gen-model" and prov["caption_model"] == "captioner"
         assert prov["caption_pairs"] == 6 and all(prov["verification"].values())
@@ -234,8 +249,9 @@ def test_custom_taxonomy_and_prompts(tmp_path, server):
     pairs = lines(out)
     assert {p["category"] for p in pairs} == {"stunts/heights/towers"}
     assert {p["provenance"]["taxonomy"] for p in pairs} == {f"{taxonomy}@0.3"}
-    assert pairs[0]["provenance"]["prompt_template_sha"] != builtin.sha_of(
-        "system", "categorize", "queries", "chosen", "rejected", "verify")
+    # The hash follows the templates actually used: the changed set's, not the built-in's.
+    assert {p["provenance"]["prompt_template_sha"] for p in pairs} == {template_sha(prompts)}
+    assert template_sha(prompts) != template_sha(BUILTIN_PROMPTS)
 
 
 def test_builtin_taxonomy_covers_the_paper_domains():

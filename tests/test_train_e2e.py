@@ -1,8 +1,11 @@
 """End to end: real DeepSpeed ZeRO-3 processes (gloo on CPU), the tiny model, the demo shards.
 
 Features covered: ZeRO-3 partitioning; learning (loss down, reward accuracy up); step-1 loss
-of ln 2; world-size invariance (1 vs 2 ranks); fused vs plain log-probs; packed vs unpacked;
-kill-and-resume exactness; the exported hf/ directory; summary, evaluation and plot outputs.
+of ln 2 and step-1 gradient norm of the mean loss; world-size invariance (1 vs 2 ranks); fused
+vs plain log-probs; packed vs unpacked; gradient checkpointing; kill-and-resume exactness under
+a warm-up and decaying schedule; undecodable frames weighted 0; the exported hf/ directory;
+summary, evaluation and plot outputs. tests/README.md lists which planted bug each equivalence
+test is there to catch.
 """
 
 from __future__ import annotations
@@ -19,11 +22,27 @@ import pytest
 
 from tests.conftest import REPO, child_env, losses, run_train, train_command
 
-# The short runs for equivalence checks: constant schedule, checkpoints every 2 steps.
-SHORT = ("train.max_steps=6", "train.save_every=2", "train.eval_every=0", "train.export_hf=false",
-         "train.warmup_steps=0", "train.lr_schedule=constant", "data.eval_shards=null")
-# fp32 on CPU; reductions in a different order (2 ranks, other packing) differ by rounding only.
+# The short runs behind the equivalence checks, all 6 steps so that their final weights compare:
+# - warm-up then linear decay, so that a resume that loses the schedule's position changes
+#   the learning rate of every later step;
+# - clipping out of the way (max_grad_norm huge): a clipped step hides the gradient's scale,
+#   and a wrong scale must show in `grad_norm` (DeepSpeed reports the norm before clipping);
+# - hf/ exported, to compare the weights after the last step.
+STEPS = 6
+SHORT = (f"train.max_steps={STEPS}", "train.save_every=2", "train.eval_every=0",
+         "train.export_hf=true", "train.warmup_steps=2", "train.lr_schedule=linear",
+         "train.max_grad_norm=1e6", "data.eval_shards=null")
+# Loss and grad_norm, relative and absolute: fp32 on CPU, where reductions in another order
+# (2 ranks, other packing, plain log-softmax) differ by rounding only. Measured: at most
+# 1.1e-6 relative over 6 steps, so 1e-5 leaves a 10x margin; the bugs these tests are for
+# move grad_norm by 2x or the loss by 4e-2.
 TOL = 1e-5
+# Weights after 6 steps. Adam scales each element's step to about lr (2e-3 at the peak), so an
+# element whose gradient is near 0 turns rounding noise into a visible fraction of a step.
+# Measured worst (packed vs unpacked, embedding rows): 7.6e-5 absolute, 1.5e-5 relative in
+# L2 norm per tensor. Allowed: 5e-4 (a quarter of one peak step) per element and 1e-4 relative
+# per tensor; a real difference in the gradients moves whole tensors by whole steps.
+PARAM_ATOL, PARAM_RTOL = 5e-4, 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +68,34 @@ def short_w2(demo_assets, tmp_path_factory) -> Path:
 
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted((run / "hf").glob("*.safetensors"))
+    assert files, f"{run}/hf holds no weights"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def assert_same_training(run: Path, ref: Path, tol: float = TOL, atol: float = PARAM_ATOL,
+                         rtol: float = PARAM_RTOL) -> None:
+    """Same steps, learning rates, losses and pre-clipping gradient norms, and the same weights
+    after the last step (hf/), within the given tolerances."""
+    import torch
+
+    got, want = _rows(run), _rows(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in want], rel=1e-12)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=tol, rel=tol), key
+    a, b = _weights(run), _weights(ref)
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        rel = float((x - y).norm() / y.norm().clamp_min(1e-30))
+        assert rel <= rtol, f"{name}: relative L2 difference {rel:.2e} > {rtol:.0e}"
 
 
 def test_zero3_partitions_parameters(long_run):
@@ -90,34 +137,77 @@ def test_step_one_loss_is_ln2(short_w1, long_run):
         assert abs(losses(run)[0] - math.log(2)) < 1e-6
 
 
+def test_step_one_grad_norm_is_that_of_the_mean_loss(short_w1):
+    """The step-1 gradient, computed here without DeepSpeed: the gradient of the mean DPO loss
+    over the step's pairs. Catches a gradient scale that is wrong the same way on every world
+    size (a sum instead of a mean, a missing or extra micro-step factor), which the world-size
+    comparison cannot see and Adam's normalisation hides from losses and weights."""
+    import torch
+    import torch.nn.functional as F
+    import yaml
+
+    from safevid.data.collate import collate, encode_pair
+    from safevid.data.stream import PairStream, expand_shards
+    from safevid.models.llava_next_video import batch_inputs, freeze, load
+
+    cfg = yaml.safe_load((short_w1 / "config.yaml").read_text())  # as resolved by the run
+    data, train = cfg["data"], cfg["train"]
+    pairs = PairStream(expand_shards(data["shards"]), train["seed"],
+                       data["shuffle_buffer"]).take(train["pairs_per_step"])
+    m = load(cfg["model"]["name_or_path"], len(pairs[0].video.jpegs), torch.float32, fused=False)
+    freeze(m.model, cfg["model"]["freeze_vision"], cfg["model"]["freeze_projector"])
+    m.model.train()
+    enc = [encode_pair(p, m.tokenizer, m.video, data["max_answer_tokens"]) for p in pairs]
+    batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id, False, 0)
+    logps, _ = m.model(**batch_inputs(batch.to("cpu", torch.float32)))
+    # Policy = reference at step 1: the reference log-probs are the policy's, detached.
+    chosen, rejected = logps[0::2], logps[1::2]
+    margin = (chosen - chosen.detach()) - (rejected - rejected.detach())
+    loss = -F.logsigmoid(cfg["loss"]["beta"] * margin).mean()
+    loss.backward()
+    trainable = [p for p in m.model.parameters() if p.requires_grad]
+    norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in trainable
+                         if p.grad is not None))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert _rows(short_w1)[0]["grad_norm"] == pytest.approx(norm, rel=TOL)
+
+
 def test_world_size_invariance(short_w1, short_w2):
-    a, b = losses(short_w1)[:3], losses(short_w2)[:3]
-    assert a == pytest.approx(b, abs=TOL, rel=TOL)
+    """1 vs 2 ranks (4 vs 2 micro-steps per rank). Catches a gradient scale that depends on the
+    world size or the micro-step count, e.g. `micro_steps` dropped from `micro_steps * world /
+    valid`: grad_norm then differs 2x while losses and weights stay close (Adam normalises the
+    step size)."""
+    assert_same_training(short_w2, short_w1)
 
 
 def test_fused_matches_plain_logprobs(short_w1, demo_assets, tmp_path):
+    """Fused chunked log-probs vs logits + log_softmax. Catches a fused forward or backward
+    that is wrong (e.g. the label term dropped from the backward) yet still trains."""
     out = tmp_path / "plain"
-    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=3",
-                                                "train.fused_logprobs=false"))
-    assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
+    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.fused_logprobs=false"))
+    assert_same_training(out, short_w1)
 
 
 def test_packed_matches_unpacked(short_w1, demo_assets, tmp_path):
+    """Packed rows (block-diagonal mask, restarting positions) vs one sequence per padded row.
+    Catches sequences that see each other, positions that do not restart, or labels placed
+    differently in packed rows."""
     out = tmp_path / "unpacked"
-    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=3", "data.packing=false"))
-    assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
+    run_train(out, demo_assets, world=1, extra=(*SHORT, "data.packing=false"))
+    assert_same_training(out, short_w1)
 
 
 def test_gradient_checkpointing_matches(short_w1, demo_assets, tmp_path):
+    """Recomputing activations in backward must give the same gradients (measured: bit-equal)."""
     out = tmp_path / "ckpt"
-    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=3",
-                                                "train.gradient_checkpointing=true"))
-    assert losses(out) == pytest.approx(losses(short_w1)[:3], abs=TOL, rel=TOL)
+    run_train(out, demo_assets, world=1, extra=(*SHORT, "train.gradient_checkpointing=true"))
+    assert_same_training(out, short_w1)
 
 
 def test_simpo_builds_no_reference(demo_assets, tmp_path):
     out = tmp_path / "simpo"
     proc = run_train(out, demo_assets, world=1, extra=(*SHORT, "train.max_steps=4",
+                                                       "train.export_hf=false",
                                                        "loss.type=simpo", "loss.beta=2.0"))
     assert "reference: none (simpo)" in proc.stderr
     values = losses(out)
@@ -125,6 +215,14 @@ def test_simpo_builds_no_reference(demo_assets, tmp_path):
 
 
 def test_kill_and_resume_reproduces_run(short_w2, demo_assets, tmp_path):
+    """SIGKILL after the step-2 checkpoint, start again, compare with the uninterrupted run.
+
+    The schedule warms up for 2 steps and then decays, so every step after the resume point
+    has a learning rate of its own: a resume that restores the weights and optimizer but not
+    the scheduler's position trains the remaining steps with other learning rates (caught by
+    `lr`, the losses after the next step, and the final weights). Same world size, same
+    reductions: the resumed run should match to rounding (1e-6; measured: bit-equal).
+    """
     out = tmp_path / "resumed"
     overrides = [f"output_dir={out}", f"demo.assets_dir={demo_assets}", *SHORT]
     proc = subprocess.Popen(train_command(2, overrides), env=child_env(), cwd=REPO,
@@ -142,10 +240,10 @@ def test_kill_and_resume_reproduces_run(short_w2, demo_assets, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = len(_rows(out))
-    assert killed_at < 6, "the run finished before it could be killed"
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    assert not (out / "hf").exists()
     run_train(out, demo_assets, world=2, extra=SHORT)
-    assert [r["step"] for r in _rows(out)] == list(range(1, 7))
-    assert losses(out) == pytest.approx(losses(short_w2), abs=1e-6, rel=1e-6)
+    assert_same_training(out, short_w2, tol=1e-6, atol=1e-6, rtol=1e-6)
 
 
 def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
@@ -193,8 +291,13 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
 
 
 def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path):
+    """A video whose frames do not decode: its pairs are rejected by name, keep their slots,
+    and weigh 0. Catches a corrupt pair given weight 1 (step 1 would read 16/15 ln 2 instead
+    of ln 2) and one still counted as usable (`pairs` would read 16)."""
     import io
     import tarfile
+
+    from safevid.data.stream import PairStream
 
     good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
     bad = tmp_path / "corrupt-000000.tar"
@@ -208,21 +311,30 @@ def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    n_good = sum(len(json.loads(tarfile.open(good).extractfile(m).read())["pairs"])
-                 for m in tarfile.open(good).getmembers() if m.name.endswith(".json"))
+    # Where the corrupt pairs fall in the run's seeded order (seed 0, as passed below). The
+    # seed and step count are chosen so that step 1 holds a corrupt pair, and so that the
+    # second epoch meets one again; both are asserted, since the checks below rely on them.
+    steps, seed, shards = 6, 0, [str(good), str(bad)]
+    order = [p.id for p in PairStream(shards, seed, 1000).take(16 * steps)]
+    corrupt = [sum(i.startswith("corrupt-") for i in order[16 * k:16 * (k + 1)])
+               for k in range(steps)]
+    assert corrupt[0] >= 1 and sum(corrupt) > 4, corrupt
     out = tmp_path / "run"
-    steps = -(-(n_good + 4) // 16)  # enough steps to read the whole first epoch
     run_train(out, demo_assets, world=1, extra=(
-        *SHORT, f"train.max_steps={steps}", f"data.shards={good},{bad}",
-        "data.shuffle_buffer=1000"))
+        *SHORT, f"train.max_steps={steps}", f"train.seed={seed}", "train.export_hf=false",
+        f"data.shards={','.join(shards)}", "data.shuffle_buffer=1000"))
     rows = _rows(out)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     # Each corrupt pair is reported once, by name, however many epochs meet it again.
     assert sorted(r["source"] for r in rejects) == [f"corrupt/corrupt-{i}" for i in range(4)]
     assert all(r["reason"] == "undecodable frames (frame 0 of 4: UnidentifiedImageError)"
                for r in rejects)
-    # Every step is the mean over its usable pairs; the corrupt ones count nowhere.
-    assert sum(16 - r["pairs"] for r in rows) >= 4
+    # Every step counts its usable pairs only...
+    assert [r["pairs"] for r in rows] == [16 - c for c in corrupt]
+    # ...and its loss is the mean over them. At step 1 (policy = reference) every pair's loss
+    # is ln 2, so the mean over the usable pairs is exactly ln 2, while corrupt pairs with
+    # weight 1 over the usable count would give 16 / (16 - corrupt[0]) ln 2.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
