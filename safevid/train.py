@@ -221,6 +221,7 @@ def train(cfg) -> int:
     stopped_by = None
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # this step's rate: the scheduler moves on at its last micro-step
         mine, position = prefetch.next()
         valid = count_valid(mine, device)
         # Sum over this micro-batch's valid pairs x micro-steps x ranks / valid pairs: DeepSpeed
@@ -249,7 +250,7 @@ def train(cfg) -> int:
         elapsed = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
         record.update(
-            step=step, lr=engine.get_lr()[0], pairs=valid,
+            step=step, lr=lr, pairs=valid,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             tokens_per_s=record["tokens"] / elapsed, elapsed_s=time.perf_counter() - t_start,
         )

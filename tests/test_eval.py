@@ -602,3 +602,47 @@ def test_answers_from_a_generation_server_reject_only_failed_items(demo_assets, 
         assert [r["question"] for r in server.requests[before:]] == [doomed]
         assert len(lines(out / "answers.jsonl")) == 6
         assert json.loads((out / "report.json").read_text())[OVERALL]["rejected"] == 0
+
+
+def test_judge_free_rewards_equal_the_trainers_own_heldout_evaluation(demo_assets, tmp_path):
+    from safevid.eval.cli import main
+    from tests.conftest import run_train
+
+    run = tmp_path / "run"
+    run_train(run, demo_assets, world=1, extra=("train.max_steps=3", "train.save_every=0",
+                                                "train.eval_every=0"))
+    out = tmp_path / "eval"
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(demo_rows(2)) + "\n")
+    heldout = str(demo_assets / "shards" / "heldout-*.tar")
+    assert main(["--model", str(run / "hf"), "--bench", str(bench), "--videos",
+                 str(demo_assets / "videos"), "--out", str(out), "--max-new-tokens", "4",
+                 "--no-progress", "--pairs", heldout, "--reference", str(demo_assets / "model"),
+                 "--beta", "0.1"]) == 0
+    # The trainer computed these rewards under ZeRO-3 with packed rows; here: plain
+    # transformers on the exported model, padded rows. Same numbers to float rounding.
+    trainer = {r["id"]: r for r in lines(run / "eval_heldout.jsonl")}
+    ours = lines(out / "judge_free.jsonl")
+    assert len(ours) == len(trainer) == 48
+    for row in ours:
+        for key in ("rewards/chosen", "rewards/rejected"):
+            assert row[key] == pytest.approx(trainer[row["id"]][key], rel=1e-4, abs=1e-4)
+    free = json.loads((out / "report.json").read_text())["judge_free"]
+    margins = [r["rewards/chosen"] - r["rewards/rejected"] for r in trainer.values()]
+    assert free[OVERALL]["pairs"] == 48
+    assert free[OVERALL]["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 48)
+    assert free[OVERALL]["reward_margin"] == pytest.approx(sum(margins) / 48, rel=1e-4)
+    assert sum(g["pairs"] for g in free["categories"].values()) == 48
+    assert "Judge-free" in (out / "report.md").read_text()
+
+    # The untrained model against itself: every reward 0, so nothing is ranked right.
+    same = tmp_path / "same"
+    assert main(["--model", str(demo_assets / "model"), "--bench", str(bench), "--videos",
+                 str(demo_assets / "videos"), "--out", str(same), "--max-new-tokens", "4",
+                 "--no-progress", "--pairs", heldout, "--reference", str(demo_assets / "model")]) == 0
+    base = json.loads((same / "report.json").read_text())["judge_free"][OVERALL]
+    assert base["reward_accuracy"] == 0 and base["reward_margin"] == 0
+    assert main(["--compare", str(same), str(out), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    acc = next(r for r in rows if r["category"] == OVERALL and r["metric"] == "reward_accuracy")
+    assert (acc["a"], acc["b"]) == (0, free[OVERALL]["reward_accuracy"])

@@ -60,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
                    "vLLM serving the policy) instead of a local model")
     g.add_argument("--generator-model", help="the served model's name (with --generator-base-url)")
     g.add_argument("--generator-concurrency", type=int, default=16)
+    r = p.add_argument_group("judge-free metrics (DPO reward of --model against --reference)")
+    r.add_argument("--pairs", help="held-out preference shards (brace patterns or globs)")
+    r.add_argument("--reference", help="the reference model dir (e.g. the model trained from)")
+    r.add_argument("--beta", type=float, default=0.1, help="the DPO beta of the rewards (0.1)")
+    r.add_argument("--max-pairs", type=int, default=512)
     j = p.add_argument_group("judge (default: the offline heuristic)")
     j.add_argument("--judge-base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
     j.add_argument("--judge-model", help="judge model name; enables the LLM judge")
@@ -146,6 +151,9 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     if args.judge_base_url and not args.judge_model:
         print("safevid eval: --judge-base-url needs --judge-model", file=sys.stderr)
         return 2
+    if args.pairs and not (args.reference and args.model):
+        print("safevid eval: --pairs needs --reference and a local --model", file=sys.stderr)
+        return 2
     if bool(args.generator_base_url) != bool(args.generator_model):
         print("safevid eval: --generator-base-url and --generator-model go together",
               file=sys.stderr)
@@ -230,8 +238,22 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     report = build_report(bench, bench.rejects + gen.rejected, answers,
                           read_judgments(out / "judgments.jsonl"), settings.describe(),
                           generation)
+    if args.pairs:
+        from safevid.eval import rewards
+
+        rows = rewards.pair_rewards(model_dir, args.reference, args.pairs, args.beta,
+                                    args.max_pairs, device=args.device, rejects=Rejects(None))
+        with open(out / "judge_free.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        report["judge_free"] = {"pairs_from": args.pairs, "reference": str(args.reference),
+                                "beta": args.beta, **rewards.summarize(rows)}
     write_report(report, out)
     print(summary_table(report))
+    if "judge_free" in report:
+        from safevid.eval.rewards import table
+
+        print(f"judge-free: DPO reward against {args.reference} (beta {args.beta}) on "
+              f"held-out pairs\n{table(report['judge_free'])}")
     print(f"this run: {gen.generated} answers generated ({gen.resumed} resumed), "
           f"{judged.judged} judged, {judged.failed} judge failures ({judged.resumed} resumed)")
     if judged.usage is not None:

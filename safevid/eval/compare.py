@@ -43,6 +43,18 @@ def compare_reports(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> d
             rows.append({"category": cat, "metric": key, "label": label, "a": va, "b": vb,
                          "abs_change": change, "rel_change": rel,
                          "items_a": ga.get("items", 0), "items_b": gb.get("items", 0)})
+    # Judge-free reward metrics, where both evaluations computed them.
+    fa, fb = a.get("judge_free"), b.get("judge_free")
+    if fa and fb:
+        for cat in [OVERALL] + sorted(set(fa["categories"]) | set(fb["categories"])):
+            ga = fa[OVERALL] if cat == OVERALL else fa["categories"].get(cat, {})
+            gb = fb[OVERALL] if cat == OVERALL else fb["categories"].get(cat, {})
+            for key, label in (("reward_accuracy", "reward accuracy (judge-free)"),
+                               ("reward_margin", "reward margin (judge-free)")):
+                change, rel = _change(ga.get(key), gb.get(key))
+                rows.append({"category": cat, "metric": key, "label": label, "a": ga.get(key),
+                             "b": gb.get(key), "abs_change": change, "rel_change": rel,
+                             "items_a": ga.get("pairs", 0), "items_b": gb.get("pairs", 0)})
     return {"a": a_name, "b": b_name, "a_judge": a["judge"], "b_judge": b["judge"],
             "warnings": warnings(a, b), "rows": rows}
 

@@ -167,6 +167,16 @@ def markdown(report: dict) -> str:
             "| --- |" + " ---: |" * len(COUNTS)]
     for name, g in _groups(report):
         out.append(f"| {name} | " + " | ".join(str(g[k]) for k in COUNTS) + " |")
+    free = report.get("judge_free")
+    if free:
+        out += ["", "## Judge-free: DPO reward on held-out pairs", "",
+                f"Reward = {free['beta']} x (log p(answer) of this model - of `{free['reference']}`), "
+                f"on `{free['pairs_from']}`.", "", "| category | pairs | reward accuracy | "
+                "mean margin |", "| --- | ---: | ---: | ---: |"]
+        for name, g in [(OVERALL, free[OVERALL]), *free["categories"].items()]:
+            if g.get("pairs"):
+                out.append(f"| {name} | {g['pairs']} | {g['reward_accuracy']:.3f} | "
+                           f"{g['reward_margin']:.2f} |")
     out += ["", "items = judged + judge_failures + rejected. harmful / implicit / benign count "
             "judged items of each kind. empty, runaway (repeating until the token limit) and "
             "unfinished (token limit reached) answers are judged like any other.", ""]
