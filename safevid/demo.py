@@ -89,9 +89,9 @@ def _before_after(assets: Path, out: Path) -> int:
             print(f"safevid demo: evaluation of the {name} model failed (exit {rc})",
                   file=sys.stderr)
             return rc
-    print("\nHeld-out preference pairs, judge-free: DPO reward accuracy and margin of the policy")
-    print("against the initial model (before training the two are the same model, so every")
-    print("reward is 0: accuracy 0, margin 0)")
+    print("\nHeld-out preference pairs, judge-free: DPO reward accuracy and margin of the trained")
+    print("policy against the initial model. Before training the two are the same model: every")
+    print("reward is 0, so accuracy 0.000 and margin 0.00 in every category.")
     print(_reward_table(out / "eval_heldout.jsonl"))
     comparison = compare_dirs(out / "eval_before", out / "eval_after", out)
     overall = {**comparison, "rows": [r for r in comparison["rows"] if r["category"] == "overall"]}
@@ -105,20 +105,12 @@ def _before_after(assets: Path, out: Path) -> int:
 
 
 def _reward_table(path: Path) -> str:
-    """Reward accuracy and mean margin per top-level category of the held-out pairs."""
+    """Reward accuracy and mean margin per top-level category of the held-out pairs, from the
+    trainer's own final evaluation (no extra forward)."""
     from safevid.demo_assets import demo_records
+    from safevid.eval.rewards import summarize, table
 
-    category = {p["id"]: p["category"].split("/")[0] for p in demo_records()[1]}
-    groups: dict[str, list[float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        margin = row["rewards/chosen"] - row["rewards/rejected"]
-        for key in ("overall", category.get(row["id"], "(unknown)")):
-            groups.setdefault(key, []).append(margin)
-    lines = [f"{'category':<22} {'pairs':>5}  {'accuracy':>17}  {'margin':>15}"]
-    for key in sorted(groups, key=lambda k: (k != "overall", k)):
-        m = groups[key]
-        acc = sum(x > 0 for x in m) / len(m)
-        lines.append(f"{key:<22} {len(m):>5}  {'0.000 -> ' + f'{acc:.3f}':>17}  "
-                     f"{'0.00 -> ' + f'{sum(m) / len(m):.2f}':>15}")
-    return "\n".join(lines)
+    category = {p["id"]: p["category"] for p in demo_records()[1]}
+    rows = [{**row, "category": category.get(row["id"], "")}
+            for row in map(json.loads, path.read_text().splitlines())]
+    return table(summarize(rows))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from safevid.data.collate import MicroBatch, collate, encode_pair
-from safevid.data.stream import Pair, PairStream, Video, read_all_pairs
+from safevid.data.stream import Pair, PairStream, Video, read_decodable_pairs
 from safevid.data_prep.rejects import Rejects
 from safevid.losses import preference_loss, reward_metrics
 from safevid.models.llava_next_video import LoadedModel, batch_inputs
@@ -154,17 +154,8 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
     for name, urls in sets.items():
         if not urls:
             continue
-        report = Rejects(None)
-        usable = []
         # Decoding is deterministic, so every rank drops the same pairs here.
-        for pair in read_all_pairs(urls, cfg.data.eval_max_pairs, report):
-            error = pair.video.decode_error()
-            pair.video.release()
-            if error is None:
-                usable.append(pair)
-            else:
-                report.add(f"{pair.video.key}/{pair.id}", error)
-        pairs = usable
+        pairs = read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
         if not pairs:
             continue
         per_rank = math.ceil(len(pairs) / (world * m)) * m

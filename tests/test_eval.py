@@ -30,7 +30,39 @@ SECRET = "sk-test-secret-0123456789"
 
 
 # ---- a judge served over real HTTP ------------------------------------------------------------
-class JudgeServer:
+def http_server(handle) -> ThreadingHTTPServer:
+    """A threaded HTTP server on 127.0.0.1 whose POSTs go to `handle(handler, json_body)`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            handle(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    return httpd
+
+
+class Served:
+    """Serves `self.httpd` in a thread for the duration of a `with` block."""
+
+    httpd: ThreadingHTTPServer
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class JudgeServer(Served):
     """An OpenAI-compatible /v1/chat/completions judge on 127.0.0.1 that scores from the answer
     text alone: harmful iff it contains HARM_MARKER, refused iff it says "cannot help".
 
@@ -46,21 +78,7 @@ class JudgeServer:
         self.holding = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.handle(self, body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
+        self.httpd = http_server(self.handle)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def add(self, kind: str, match: str, times: int | None = 1, delay: float = 1.0) -> None:
@@ -126,14 +144,9 @@ class JudgeServer:
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
             pass
 
-    def __enter__(self) -> JudgeServer:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
     def __exit__(self, *exc) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.release.set()  # a held request must not keep the server from shutting down
+        super().__exit__(*exc)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -514,7 +527,7 @@ def test_two_processes_through_the_launcher_give_the_same_answers(demo_assets, t
         json.loads((outs[2] / "report.json").read_text())[OVERALL]
 
 
-class GeneratorServer:
+class GeneratorServer(Served):
     """An OpenAI-compatible server standing in for vLLM serving the policy, on 127.0.0.1: it
     answers from the question text, records each request's video part, and fails every request
     whose question contains `fail_on` with HTTP 500."""
@@ -522,48 +535,22 @@ class GeneratorServer:
     def __init__(self, fail_on: str | None = None) -> None:
         self.fail_on = fail_on
         self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                parts = body["messages"][0]["content"]
-                question = next(p["text"] for p in parts if p["type"] == "text")
-                video = next(p["video_url"]["url"] for p in parts if p["type"] == "video_url")
-                server.requests.append({"question": question, "video": video, "body": body})
-                if server.fail_on and server.fail_on in question:
-                    status, payload = 500, {"error": {"message": "injected 500"}}
-                else:
-                    status, payload = 200, {
-                        "id": "gen-1", "object": "chat.completion", "created": 0,
-                        "model": body["model"], "usage": {"prompt_tokens": 100,
-                                                          "completion_tokens": 7},
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                            "role": "assistant",
-                            "content": f"I cannot help with that: {question[:20]}"}}]}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = http_server(self.handle)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> GeneratorServer:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
+    def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        parts = body["messages"][0]["content"]
+        question = next(p["text"] for p in parts if p["type"] == "text")
+        video = next(p["video_url"]["url"] for p in parts if p["type"] == "video_url")
+        self.requests.append({"question": question, "video": video, "body": body})
+        if self.fail_on and self.fail_on in question:
+            return JudgeServer._send(h, 500, {"error": {"message": "injected 500"}})
+        JudgeServer._send(h, 200, {
+            "id": "gen-1", "object": "chat.completion", "created": 0, "model": body["model"],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 7},
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": f"I cannot help with that: {question[:20]}"}}]})
 
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_answers_from_a_generation_server_reject_only_failed_items(demo_assets, tmp_path):
@@ -646,3 +633,33 @@ def test_judge_free_rewards_equal_the_trainers_own_heldout_evaluation(demo_asset
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
     acc = next(r for r in rows if r["category"] == OVERALL and r["metric"] == "reward_accuracy")
     assert (acc["a"], acc["b"]) == (0, free[OVERALL]["reward_accuracy"])
+
+
+def test_kill_during_generation_then_resume_matches_an_uninterrupted_run(demo_assets, tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(demo_rows(12)) + "\n")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    extra = ("--batch-size", "2", "--max-new-tokens", "24")
+    done = subprocess.run(eval_cmd(demo_assets, bench, whole, *extra), env=child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(eval_cmd(demo_assets, bench, killed, *extra), env=child_env(),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = killed / "answers.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (answers.is_file() and answers.read_text().count("\n") >= 2):
+            assert proc.poll() is None, "generation ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    cut = answers.read_text().count("\n")
+    assert 2 <= cut < 12, cut
+    done = subprocess.run(eval_cmd(demo_assets, bench, killed, *extra), env=child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert answers.read_text() == (whole / "answers.jsonl").read_text()
+    assert lines(killed / "judgments.jsonl") == lines(whole / "judgments.jsonl")

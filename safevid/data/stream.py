@@ -193,3 +193,16 @@ def read_all_pairs(urls: list[str], limit: int, rejects: Rejects | None = None) 
                 return out
             out.append(pair)
     return out
+
+
+def read_decodable_pairs(urls: list[str], limit: int, rejects: Rejects) -> list[Pair]:
+    """`read_all_pairs`, less the pairs whose frames do not decode (each rejected by name)."""
+    usable = []
+    for pair in read_all_pairs(urls, limit, rejects):
+        error = pair.video.decode_error()
+        pair.video.release()
+        if error is None:
+            usable.append(pair)
+        else:
+            rejects.add(f"{pair.video.key}/{pair.id}", error)
+    return usable

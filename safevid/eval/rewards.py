@@ -39,7 +39,7 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
     """Per pair: id, category, chosen and rejected rewards. Pairs whose frames do not decode
     are rejected (named, with the reason) and left out."""
     from safevid.data.collate import collate, encode_pair
-    from safevid.data.stream import expand_shards, read_all_pairs
+    from safevid.data.stream import expand_shards, read_decodable_pairs
     from safevid.models.llava_next_video import batch_inputs, load
 
     rejects = rejects or Rejects(None)
@@ -49,14 +49,7 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
     models = [load(str(d), frames, torch.float32, fused=True) for d in (policy_dir, reference_dir)]
     for m in models:
         m.model.to(dev).eval()
-    pairs = []
-    for pair in read_all_pairs(urls, max_pairs, rejects):
-        error = pair.video.decode_error()
-        pair.video.release()
-        if error is None:
-            pairs.append(pair)
-        else:
-            rejects.add(f"{pair.video.key}/{pair.id}", error)
+    pairs = read_decodable_pairs(urls, max_pairs, rejects)
     cfg = SimpleNamespace(max_answer_tokens=max_answer_tokens, packing=False)
     out = []
     for start in range(0, len(pairs), batch_pairs):
