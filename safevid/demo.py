@@ -7,6 +7,8 @@ held-out evaluation -> summary table and curves.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -82,10 +84,13 @@ def _before_after(assets: Path, out: Path) -> int:
     for name, model in runs.items():
         # Derived from this run's model: made afresh, so a rerun never mixes in old answers.
         shutil.rmtree(out / f"eval_{name}", ignore_errors=True)
-        rc = eval_main(["--model", str(model), "--bench", str(ASSETS / "demo_bench.jsonl"),
-                        "--videos", str(assets / "videos"), "--out", str(out / f"eval_{name}"),
-                        "--max-new-tokens", "32", "--no-progress"])
+        printed = io.StringIO()  # each run's own tables: the comparison below says it shorter
+        with contextlib.redirect_stdout(printed):
+            rc = eval_main(["--model", str(model), "--bench", str(ASSETS / "demo_bench.jsonl"),
+                            "--videos", str(assets / "videos"), "--out",
+                            str(out / f"eval_{name}"), "--max-new-tokens", "32", "--no-progress"])
         if rc != 0:
+            print(printed.getvalue())
             print(f"safevid demo: evaluation of the {name} model failed (exit {rc})",
                   file=sys.stderr)
             return rc

@@ -18,8 +18,13 @@ def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Ten
             if rank == 0:
                 state[name] = param.detach().to("cpu", copy=True)
     if rank == 0:
+        # Persistent buffers only: the state dict's own keys. Non-persistent ones (rotary
+        # frequencies) are rebuilt by the model, and saving them makes loaders report
+        # unexpected keys.
+        persistent = set(module.state_dict().keys())
         for name, buf in module.named_buffers():
-            state[name] = buf.detach().to("cpu", copy=True)
+            if name in persistent:
+                state[name] = buf.detach().to("cpu", copy=True)
     return state
 
 
