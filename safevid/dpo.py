@@ -24,10 +24,34 @@ class Batcher:
 
     def __init__(self, loaded: LoadedModel, data_cfg, device: torch.device, dtype: torch.dtype):
         self.loaded, self.cfg, self.device, self.dtype = loaded, data_cfg, device, dtype
+        # What an unusable pair is run as: it keeps its slot (the same forwards on every rank)
+        # and weighs nothing.
+        self.stand_in = self._encode(Pair("", ".", ".", ".", None))
+
+    def _encode(self, pair: Pair):
+        m = self.loaded
+        return encode_pair(pair, m.tokenizer, m.video, self.cfg.max_answer_tokens)
+
+    def encode(self, pair: Pair) -> str | None:
+        """Encode `pair` once (kept on it); the reason it cannot be, or None.
+
+        A failure is a property of the pair, so every rank that meets it decides alike; it is
+        never an exception on the one rank that holds the pair, which would leave the others
+        waiting in a ZeRO-3 gather.
+        """
+        if pair.encoded is None:
+            try:
+                pair.encoded = self._encode(pair)
+            except Exception as exc:  # noqa: BLE001  any tokenizer or template failure
+                return f"cannot encode: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
 
     def __call__(self, pairs: list[Pair]) -> MicroBatch:
         m = self.loaded
-        enc = [encode_pair(p, m.tokenizer, m.video, self.cfg.max_answer_tokens) for p in pairs]
+        for p in pairs:  # normally encoded already, in the prefetch thread
+            if p.valid and self.encode(p) is not None:
+                p.valid = False
+        enc = [p.encoded if p.valid else self.stand_in for p in pairs]
         batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id,
                         self.cfg.packing, self.cfg.max_tokens_per_row)
         return batch.to(self.device, self.dtype)
@@ -62,11 +86,11 @@ class StepPrefetcher:
     """
 
     def __init__(self, stream: PairStream, pairs_per_step: int, rank: int, world: int,
-                 decode_threads: int, rejects: Rejects, steps: int):
+                 decode_threads: int, rejects: Rejects, steps: int, encode=None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.args = (stream, pairs_per_step, rank, world)
-        self.rejects, self.remaining = rejects, steps
+        self.rejects, self.remaining, self.encode = rejects, steps, encode
         self.decoder = ThreadPoolExecutor(max(1, decode_threads))
         self.loader = ThreadPoolExecutor(1)
         self.pending = self._submit()
@@ -85,9 +109,10 @@ class StepPrefetcher:
         # A pair whose frames do not decode keeps its slot (every rank runs the same number of
         # forwards) but is rejected and weighs nothing in the step's loss.
         for pair in pairs:
-            if errors[id(pair.video)] is not None:
+            error = errors[id(pair.video)] or (self.encode(pair) if self.encode else None)
+            if error is not None:
                 pair.valid = False
-                self.rejects.add(f"{pair.video.key}/{pair.id}", errors[id(pair.video)])
+                self.rejects.add(f"{pair.video.key}/{pair.id}", error)
         return pairs, stream.position
 
     def next(self) -> tuple[list[Pair], tuple[int, int]]:
@@ -154,8 +179,9 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
     for name, urls in sets.items():
         if not urls:
             continue
-        # Decoding is deterministic, so every rank drops the same pairs here.
-        pairs = read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
+        # Decoding and encoding are deterministic, so every rank drops the same pairs here.
+        pairs = [p for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
+                 if batcher.encode(p) is None]
         if not pairs:
             continue
         per_rank = math.ceil(len(pairs) / (world * m)) * m

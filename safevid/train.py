@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         _exit_now(2)
     except BaseException as exc:  # noqa: BLE001  a failed rank must end, never hang the job
         traceback.print_exc()
-        print(f"safevid train: {where} failed: {type(exc).__name__}: {str(exc).splitlines()[:1]}"
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"safevid train: {where} failed: {type(exc).__name__}: {first}"
               f" (a collective that failed or timed out after train.collective_timeout_s="
               f"{cfg.train.collective_timeout_s:g}s means another rank died or hung)",
               file=sys.stderr, flush=True)
@@ -197,10 +198,12 @@ def train(cfg) -> int:
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
     # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
+    batcher = Batcher(policy, cfg.data, device, dtype)
+    # Tokenization happens in the prefetch thread too: a pair whose text cannot be encoded is
+    # known (and weighs 0) before the step counts its usable pairs.
     prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world,
                               cfg.data.decode_threads, Rejects(out / "rejects.jsonl"),
-                              steps=cfg.train.max_steps - start_step)
-    batcher = Batcher(policy, cfg.data, device, dtype)
+                              steps=cfg.train.max_steps - start_step, encode=batcher.encode)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
 
     def run_eval(step: int) -> dict:
@@ -231,8 +234,8 @@ def train(cfg) -> int:
         sums: dict[str, torch.Tensor] = {}
         for i in range(0, len(mine), cfg.train.micro_batch_pairs):
             chunk = mine[i:i + cfg.train.micro_batch_pairs]
-            weight = torch.tensor([float(p.valid) for p in chunk], device=device)
             batch = batcher(chunk)
+            weight = torch.tensor([float(p.valid) for p in chunk], device=device)
             for pair in chunk:
                 pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))

@@ -7,6 +7,7 @@ sequence per row. Sequence 2i is pair i's chosen answer, 2i+1 its rejected one.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -57,25 +58,61 @@ class MicroBatch:
         )
 
 
-def encode_pair(pair: Pair, tokenizer, video: VideoTokens, max_answer_tokens: int) -> EncodedPair:
-    """Prompt through the model's chat template; answers are its continuation plus EOS."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": pair.prompt}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and (not prompt or prompt[0] != tokenizer.bos_token_id):
-        prompt = [tokenizer.bos_token_id] + prompt
+# Stands in for the user's text while the chat template is rendered, so that the text's place
+# in the rendered prompt is known. Control characters: no template or user text contains them.
+_USER_TEXT = "\x1fsafevid-user-text\x1f"
+_TOKENIZER_LOCK = threading.RLock()
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """User text as plain text: a special-token string in it (`<video>`, `</s>`, `<|im_end|>`)
+    is split into ordinary tokens, never read as the special token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompt(prompt: str, tokenizer, video: VideoTokens) -> list[int]:
+    """The prompt through the model's chat template, the video placeholder expanded.
+
+    The whole rendered prompt is tokenized in one piece, as the model's own processor does,
+    unless the user's text holds a special-token string: then the template's parts and the
+    user's text are tokenized apart, the text with special tokens split, so that a `<video>`
+    typed by a user is text and not a second video.
+    """
+    messages = [{"role": "user", "content": [{"type": "video"},
+                                             {"type": "text", "text": _USER_TEXT}]}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    before, _, after = rendered.partition(_USER_TEXT)
+    if any(tok in prompt for tok in tokenizer.all_special_tokens):
+        ids = (tokenizer(before, add_special_tokens=False)["input_ids"]
+               + _text_ids(tokenizer, prompt) + tokenizer(after, add_special_tokens=False)["input_ids"])
+    else:
+        ids = tokenizer(before + prompt + after, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
     # One placeholder in the template stands for the whole video's features.
     expanded: list[int] = []
-    for t in prompt:
+    for t in ids:
         expanded.extend([t] * video.count if t == video.token_id else [t])
     if expanded.count(video.token_id) != video.count:
-        raise ValueError(f"pair {pair.id}: chat template produced no single video placeholder")
+        raise ValueError("the chat template produced no single video placeholder")
+    return expanded
 
+
+def encode_pair(pair: Pair, tokenizer, video: VideoTokens, max_answer_tokens: int) -> EncodedPair:
+    """Prompt through the model's chat template; answers are its continuation plus EOS.
+
+    Answers are user text too: a `</s>` inside one is text, so the only EOS is the one added
+    here, and the model is never trained to stop in mid-answer.
+    """
     def answer(text: str) -> list[int]:
-        ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+        ids = _text_ids(tokenizer, " " + text.strip())
         return ids[: max_answer_tokens - 1] + [tokenizer.eos_token_id]
 
-    return EncodedPair(expanded, answer(pair.chosen), answer(pair.rejected))
+    # One encoding at a time: a fast tokenizer's split-special-tokens switch is state shared by
+    # every thread, and the prefetch thread encodes while evaluation encodes on the main one.
+    with _TOKENIZER_LOCK:
+        return EncodedPair(encode_prompt(pair.prompt, tokenizer, video), answer(pair.chosen),
+                           answer(pair.rejected))
 
 
 def _rows(lengths: list[int], budget: int, packing: bool) -> list[list[int]]:

@@ -76,7 +76,8 @@ class Pair:
     video: Video
     category: str = ""
     query_type: str = ""
-    valid: bool = True  # False when its video's frames cannot be decoded: weight 0 in the loss
+    valid: bool = True  # False when its frames or text cannot be used: weight 0 in the loss
+    encoded: object = None  # its token ids (collate.EncodedPair), made once, off the train thread
 
 
 def expand_shards(spec: str, key: str = "data.shards") -> list[str]:

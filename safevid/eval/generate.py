@@ -110,13 +110,10 @@ class LocalModel:
 
     def __init__(self, model_dir: str | Path, num_frames: int, device: str | None = None,
                  dtype: str = "auto") -> None:
-        from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
+        from transformers import LlavaNextVideoForConditionalGeneration
 
         from safevid.data.collate import VideoTokens
-        from safevid.models.llava_next_video import (
-            _processor_chat_template,
-            video_tokens_per_frame,
-        )
+        from safevid.models.llava_next_video import load_tokenizer, video_tokens_per_frame
         from safevid.models.preprocess import frame_spec_for
 
         self.model_dir = Path(model_dir)
@@ -125,12 +122,7 @@ class LocalModel:
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = "bfloat16" if bf16 else "float32"
         self.dtype = getattr(torch, dtype)
-        tok = AutoTokenizer.from_pretrained(self.model_dir)
-        if tok.chat_template is None:
-            tok.chat_template = _processor_chat_template(self.model_dir)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.unk_token or tok.eos_token
-        self.tokenizer = tok
+        self.tokenizer = tok = load_tokenizer(str(self.model_dir))
         self.model = LlavaNextVideoForConditionalGeneration.from_pretrained(
             self.model_dir, dtype=self.dtype).to(self.device).eval()
         cfg = self.model.config

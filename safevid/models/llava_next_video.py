@@ -60,15 +60,23 @@ def _processor_chat_template(model_dir: Path) -> str | None:
     return None
 
 
-def load(name_or_path: str, num_frames: int, dtype: torch.dtype, fused: bool,
-         attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer with its chat template and a pad token."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = _processor_chat_template(Path(name_or_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load(name_or_path: str, num_frames: int, dtype: torch.dtype, fused: bool,
+         attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,

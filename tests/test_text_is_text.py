@@ -1,0 +1,111 @@
+"""User text is text: special-token strings in prompts and answers, and pairs whose text cannot
+be encoded at all.
+
+Before, a `<video>` typed in a query raised on the one rank that held the pair (the others hung
+in a ZeRO-3 gather), and a `</s>` inside an answer became an EOS. Now such strings are tokenized
+as ordinary text, and a pair that cannot be encoded (a lone surrogate from a shard's JSON) is
+rejected by name and weighs 0, decided in the prefetch thread before the step counts its
+usable pairs, and training goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+from safevid.data.collate import VideoTokens, encode_pair, encode_prompt
+from safevid.data.stream import Pair
+from tests.conftest import rows, run_train
+
+HOSTILE = ["<video>", "<image>", "</s>", "<s>", "<pad>", "<unk>", "<|im_end|>"]
+
+
+def _tokenizer(assets):
+    from safevid.models.llava_next_video import load_tokenizer
+
+    return load_tokenizer(str(assets / "model"))
+
+
+def test_special_token_strings_are_plain_text(demo_assets):
+    tok = _tokenizer(demo_assets)
+    video = VideoTokens(tok.convert_tokens_to_ids("<video>"), 16)
+    specials = set(tok.all_special_ids)
+    text = "Is " + " and ".join(HOSTILE) + " in the clip?"
+    pair = Pair("p", text, "Fine </s> still talking", "Sure <video> here", None)
+    enc = encode_pair(pair, tok, video, 128)
+    # Exactly one video (the template's), one BOS, and one EOS per answer: the final token.
+    assert enc.prompt.count(video.token_id) == video.count
+    assert enc.prompt.count(tok.bos_token_id) == 1
+    for answer in (enc.chosen, enc.rejected):
+        assert answer[-1] == tok.eos_token_id and not specials & set(answer[:-1])
+    user_part = [t for t in enc.prompt if t != video.token_id and t != tok.bos_token_id]
+    assert not specials & set(user_part)
+    assert all(s in tok.decode(enc.prompt) for s in HOSTILE)
+    assert "</s> still talking" in tok.decode(enc.chosen[:-1])
+
+
+def test_ordinary_prompts_encode_as_the_whole_template_does(demo_assets):
+    # The text-safe path must not change what ordinary prompts become: the rendered template,
+    # tokenized in one piece, as the model's own processor does.
+    tok = _tokenizer(demo_assets)
+    video = VideoTokens(tok.convert_tokens_to_ids("<video>"), 4)
+    for prompt in ("What is happening here?", "Describe the scene in detail.", "x"):
+        messages = [{"role": "user", "content": [{"type": "video"},
+                                                 {"type": "text", "text": prompt}]}]
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        whole = tok(rendered, add_special_tokens=False)["input_ids"]
+        if whole[0] != tok.bos_token_id:
+            whole = [tok.bos_token_id] + whole
+        expanded = [x for t in whole for x in ([t] * 4 if t == video.token_id else [t])]
+        assert encode_prompt(prompt, tok, video) == expanded
+
+
+def _hostile_shard(good: str, path) -> list[dict]:
+    """One video (frames copied from a good shard) whose pairs carry special-token strings and
+    one pair whose text cannot be encoded."""
+    with tarfile.open(good) as tar:
+        members = tar.getmembers()
+        key = members[0].name.split(".")[0]
+        jpegs = [tar.extractfile(m).read() for m in members
+                 if m.name.startswith(key + ".") and m.name.endswith(".jpg")]
+    pairs = [
+        {"id": "text-video", "prompt": "Is the <video> tag in this sentence a problem?",
+         "chosen": "It is plain text </s> and so is this.", "rejected": "<s> Sure <image>."},
+        {"id": "text-im-end", "prompt": "Say <|im_end|> then stop.",
+         "chosen": "I will not stop early.", "rejected": "<pad><unk>"},
+        {"id": "broken-text", "prompt": "bad \ud800 text", "chosen": "a", "rejected": "b"},
+    ]
+    files = {"hostile.json": json.dumps({"id": "hostile", "pairs": pairs}).encode()}
+    files.update({f"hostile.{i:03d}.jpg": data for i, data in enumerate(jpegs)})
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return pairs
+
+
+def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
+    good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
+    hostile = tmp_path / "hostile-000000.tar"
+    _hostile_shard(str(good), hostile)
+    with tarfile.open(good) as tar:
+        n_good = sum(len(json.loads(tar.extractfile(m).read())["pairs"])
+                     for m in tar.getmembers() if m.name.endswith(".json"))
+    steps = -(-(n_good + 3) // 16)  # the whole first epoch, so every hostile pair is met
+    out = tmp_path / "run"
+    run_train(out, demo_assets, world=2, timeout=600, extra=(
+        f"train.max_steps={steps}", f"data.shards={good},{hostile}", "data.shuffle_buffer=1000",
+        "train.eval_every=0", "train.export_hf=false", "data.eval_shards=null"))
+    logged = rows(out)
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in logged)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    # Only the pair that cannot be encoded is rejected, by name, with the reason; the pairs
+    # with special-token strings trained as text.
+    assert [r["source"] for r in rejects] == ["hostile/broken-text"]
+    assert rejects[0]["reason"].startswith("cannot encode: TypeError")
+    # Its slot stays in its step (the same forwards on every rank) and weighs nothing there.
+    assert sum(16 - r["pairs"] for r in logged) >= 1
