@@ -72,15 +72,19 @@ def _unlink_own_shm(rank: int) -> None:
     in /dev/shm. The mappings stay valid after the unlink, and the memory is returned when the
     last process using it exits, however it exits (SIGKILL included).
     """
+    import torch
     import torch.distributed as dist
 
-    path = _shm_name(rank)
-    if not path.exists():
-        return  # no shared-memory all-reduce in this run (GPU, or ranks on several nodes)
+    # DeepSpeed's own condition for the shared-memory all-reduce (CPU, every rank on this
+    # node), read from the environment every rank shares: a stale file of the same name must
+    # not make one rank alone enter the barrier below.
+    local_size = os.environ.get("LOCAL_SIZE")
+    if torch.cuda.is_available() or local_size != os.environ.get("WORLD_SIZE"):
+        return
     # Each rank maps its peers' segments inside init_distributed, before it returns; after
     # this barrier no rank still needs to open a segment by name.
     dist.barrier()
-    path.unlink(missing_ok=True)
+    _shm_name(rank).unlink(missing_ok=True)
 
 
 def sweep_stale_shm(min_age_s: float = 60.0) -> list[Path]:
