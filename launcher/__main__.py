@@ -86,7 +86,7 @@ def _output_dir(train_args: list[str]):
     return Path(load_config(config, overrides).output_dir)
 
 
-def run_node(cmd: list[str], env: dict[str, str]) -> int:
+def run_node(cmd: list[str], env: dict[str, str], wanted: list[int]) -> int:
     """Run the node's DeepSpeed launcher; pass stop signals on to its ranks until they end.
 
     The signals go to the ranks, not to DeepSpeed's launcher, which would kill them on SIGTERM
@@ -95,19 +95,17 @@ def run_node(cmd: list[str], env: dict[str, str]) -> int:
     """
     import psutil
 
-    wanted: list[int] = []
-
     def note(signum, frame) -> None:
         if signum not in wanted:
             wanted.append(signum)
 
-    for sig in FORWARDED:
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        child = subprocess.Popen(cmd, env=env)
-    finally:
+    def ignore_in_child() -> None:
         for sig in FORWARDED:
-            signal.signal(sig, note)
+            signal.signal(sig, signal.SIG_IGN)
+
+    for sig in FORWARDED:
+        signal.signal(sig, note)
+    child = subprocess.Popen(cmd, env=env, preexec_fn=ignore_in_child)
     while True:
         try:
             return child.wait(timeout=0.5)
@@ -147,6 +145,11 @@ def requeue_if_stopped(train_args: list[str], since: float, under_slurm: bool) -
 
 
 def main(argv: list[str]) -> int:
+    # A stop signal that comes before the ranks run is kept (its default action would kill the
+    # launcher without a word) and delivered to them once they exist.
+    early: list[int] = []
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     args = parse_args(argv)
     under_slurm = placed_by_slurm(args)
     try:
@@ -164,7 +167,7 @@ def main(argv: list[str]) -> int:
         print(f"safevid launcher: removed {path}, left behind by a killed run", file=sys.stderr)
     started = time.time()
     rc = run_node(deepspeed_command(spec, ids, args.train_args, args.command),
-                  launch_env(len(ids)))
+                  launch_env(len(ids)), early)
     if rc != 0:
         print(f"safevid launcher: node {spec.node_rank} ({socket.gethostname()}, ranks "
               f"{spec.node_rank * len(ids)}..{spec.node_rank * len(ids) + len(ids) - 1}): "

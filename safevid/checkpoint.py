@@ -36,7 +36,7 @@ UNIVERSAL_SUFFIX = "_universal"
 # the run is, how often it saves and evaluates, and speed switches that leave the numbers alone
 # (each proven equal by the equivalence tests). Any other difference is a different run.
 MAY_DIFFER = (
-    "output_dir", "demo.", "train.max_steps", "train.save_every", "train.keep_checkpoints",
+    "output_dir", "demo.", "train.save_every", "train.keep_checkpoints",
     "train.eval_every", "train.collective_timeout_s", "train.export_hf", "train.fused_logprobs",
     "train.gradient_checkpointing", "train.micro_batch_pairs", "train.deepspeed_config",
     "data.packing", "data.max_tokens_per_row", "data.decode_threads", "data.eval_shards",
@@ -117,9 +117,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint value -> this run's value' for each key that must not change."""
     a, b = _flatten(saved), _flatten(current)
+    # A longer or shorter run is the same run only when the learning rate does not depend on
+    # its length: cosine and linear decay are stretched by train.max_steps.
+    may_differ = MAY_DIFFER + (("train.max_steps",) if a.get("train.lr_schedule") == "constant"
+                               else ())
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_DIFFER):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in may_differ):
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -169,6 +173,9 @@ def decide_resume(ckpt_dir: Path, config: dict, rank: int) -> ResumePoint | None
             answer[0] = ("ok", find_resume(ckpt_dir, config))
         except CheckpointError as exc:
             answer[0] = ("error", str(exc))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # an unreadable trainer_state
+            answer[0] = ("error", f"{ckpt_dir}: a checkpoint's {STATE} cannot be read "
+                                  f"({type(exc).__name__}: {exc})")
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":

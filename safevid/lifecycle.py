@@ -33,8 +33,11 @@ class StopRequest:
     def _note(self, signum: int, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            print(f"safevid: rank {os.environ.get('RANK', '0')} received {self.signal_name}: "
-                  "stopping with a checkpoint after the current step", file=sys.stderr, flush=True)
+            # os.write, not print: a handler that prints while the interrupted code is writing
+            # to stderr fails with a reentrant-call error and would kill the rank.
+            os.write(2, f"safevid: rank {os.environ.get('RANK', '0')} received "
+                        f"{self.signal_name}: stopping with a checkpoint after the current "
+                        "step\n".encode())
 
     def agreed(self, device) -> str | None:
         """The signal's name on every rank if any rank was asked to stop, else None."""

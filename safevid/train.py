@@ -153,8 +153,8 @@ def train(cfg) -> int:
     ds.setdefault("wall_clock_breakdown", False)
     ds_hf = HfDeepSpeedConfig(ds)  # noqa: F841  keeps from_pretrained partitioning under ZeRO-3
     # Optimizer states written by another world size load through DeepSpeed's universal format.
-    policy_ds = {**ds, "checkpoint": {"load_universal": resume is not None
-                                      and resume.world_size != world}}
+    policy_ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal":
+                                      resume is not None and resume.world_size != world}}
 
     # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
     torch.manual_seed(cfg.train.seed)
@@ -285,7 +285,8 @@ def train(cfg) -> int:
         return 0
 
     # ---- export and summary ---------------------------------------------------------------
-    if cfg.train.export_hf:
+    # A finished run started again exports nothing new (and leaves hf/ and its times alone).
+    if cfg.train.export_hf and not (start_step >= cfg.train.max_steps and (out / "hf").is_dir()):
         export_hf(policy, out / "hf", rank)
     if rank == 0:
         _summary(out, rejects.count)

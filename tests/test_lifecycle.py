@@ -93,18 +93,24 @@ def test_torn_checkpoints_only_are_refused_not_restarted(tmp_path):
 def test_another_runs_checkpoint_is_refused_naming_the_keys(tmp_path):
     from safevid.checkpoint import CheckpointError, find_resume
 
-    saved = {"loss": {"beta": 0.1, "type": "sigmoid"}, "train": {"lr": 1e-3, "max_steps": 10},
-             "output_dir": "a"}
+    train = {"lr": 1e-3, "max_steps": 10, "lr_schedule": "constant"}
+    saved = {"loss": {"beta": 0.1, "type": "sigmoid"}, "train": train, "output_dir": "a"}
     ckpt = tmp_path / "checkpoints"
     _fake_checkpoint(ckpt, 2, config=saved)
-    # Longer runs and other output paths are the same run; the loss and learning rate are not.
-    same = {**saved, "train": {"lr": 1e-3, "max_steps": 20}, "output_dir": "b"}
+    # Longer runs (at a constant learning rate) and other output paths are the same run; the
+    # loss and learning rate are not.
+    same = {**saved, "train": {**train, "max_steps": 20}, "output_dir": "b"}
     assert find_resume(ckpt, same).step == 2
-    other = {**saved, "loss": {"beta": 0.2, "type": "sigmoid"}, "train": {"lr": 2e-3, "max_steps": 10}}
+    other = {**saved, "loss": {"beta": 0.2, "type": "sigmoid"}, "train": {**train, "lr": 2e-3}}
     with pytest.raises(CheckpointError) as err:
         find_resume(ckpt, other)
     assert "loss.beta: 0.1 -> 0.2" in str(err.value) and "train.lr" in str(err.value)
     assert "train.max_steps:" not in str(err.value) and "output_dir:" not in str(err.value)
+    # Under a decaying schedule the run's length sets the learning rate of every step.
+    cosine = tmp_path / "cosine"
+    _fake_checkpoint(cosine, 2, config={**saved, "train": {**train, "lr_schedule": "cosine"}})
+    with pytest.raises(CheckpointError, match="train.max_steps: 10 -> 20"):
+        find_resume(cosine, {**saved, "train": {**train, "lr_schedule": "cosine", "max_steps": 20}})
 
 
 def test_rotation_keeps_newest_by_step_number_and_drops_torn(tmp_path):

@@ -62,6 +62,18 @@ def test_ordinary_prompts_encode_as_the_whole_template_does(demo_assets):
         assert encode_prompt(prompt, tok, video) == expanded
 
 
+def test_tokens_added_as_special_outside_the_map_are_text_too(demo_assets, tmp_path):
+    # Conversion scripts add <video>/<image> with add_tokens(..., special_tokens=True): such
+    # tokens are matched whole but are not in all_special_tokens.
+    tok = _tokenizer(demo_assets)
+    tok.add_tokens(["<clip_marker>"], special_tokens=True)
+    assert "<clip_marker>" not in tok.all_special_tokens
+    marker = tok.convert_tokens_to_ids("<clip_marker>")
+    video = VideoTokens(tok.convert_tokens_to_ids("<video>"), 4)
+    assert marker not in encode_prompt("Where is <clip_marker> in it?", tok, video)
+    assert marker in tok("Where is <clip_marker> in it?", add_special_tokens=False)["input_ids"]
+
+
 def _hostile_shard(good: str, path) -> list[dict]:
     """One video (frames copied from a good shard) whose pairs carry special-token strings and
     one pair whose text cannot be encoded."""

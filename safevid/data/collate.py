@@ -59,8 +59,9 @@ class MicroBatch:
 
 
 # Stands in for the user's text while the chat template is rendered, so that the text's place
-# in the rendered prompt is known. Control characters: no template or user text contains them.
-_USER_TEXT = "\x1fsafevid-user-text\x1f"
+# in the rendered prompt is known. Private-use characters: not whitespace (a template's `trim`
+# keeps them), and no template or ordinary text contains them.
+_USER_TEXT = "\ue000safevid-user-text\ue001"
 _TOKENIZER_LOCK = threading.RLock()
 
 
@@ -81,8 +82,13 @@ def encode_prompt(prompt: str, tokenizer, video: VideoTokens) -> list[int]:
     messages = [{"role": "user", "content": [{"type": "video"},
                                              {"type": "text", "text": _USER_TEXT}]}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    before, _, after = rendered.partition(_USER_TEXT)
-    if any(tok in prompt for tok in tokenizer.all_special_tokens):
+    before, found, after = rendered.partition(_USER_TEXT)
+    if not found:
+        raise ValueError("the chat template did not keep the user's text where it can be found")
+    # Tokens added as special outside the special-tokens map (as conversion scripts add
+    # <video>/<image>) are matched as single tokens too.
+    specials = {*tokenizer.all_special_tokens, *getattr(tokenizer, "added_tokens_encoder", {})}
+    if any(tok in prompt for tok in specials):
         ids = (tokenizer(before, add_special_tokens=False)["input_ids"]
                + _text_ids(tokenizer, prompt) + tokenizer(after, add_special_tokens=False)["input_ids"])
     else:

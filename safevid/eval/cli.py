@@ -20,7 +20,7 @@ from pathlib import Path
 MANIFEST = "eval_config.json"
 # Settings that change answers or judgments: an --out made with others cannot be resumed.
 GENERATION_KEYS = ("model", "model_files", "frames", "max_new_tokens", "temperature", "seed",
-                   "dtype")
+                   "dtype", "batch_size")
 
 
 def model_fingerprint(model_dir: Path) -> list[list]:
@@ -227,8 +227,13 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     answers = read_answers(answers_path)
     gen.rejected = [video_reject(item, video_errors[item.id]["video_error"])
                     for item in bench.items if item.id in video_errors and item.id not in answers]
-    # Server failures are rejected for this report only: not logged, so a rerun asks again.
-    gen.rejected += [video_reject(item, reason) for item, reason in (server.failures if server else [])]
+    # Items without an answer now failed at a generation server, on this process or another;
+    # they are rejected for this report only (not logged), so a rerun asks again.
+    reasons = {item.id: reason for item, reason in (server.failures if server else [])}
+    gen.rejected += [video_reject(item, reasons.get(item.id, "generation server: no answer "
+                                                    "(failed on another process)"))
+                     for item in bench.items if item.id not in answers
+                     and item.id not in video_errors]
     rejects = Rejects(out / "rejects.jsonl", fresh=True, prefix="safevid eval")
     for r in bench.rejects + gen.rejected:
         rejects.add(r.source, r.reason, id=r.id, category=r.category)

@@ -49,7 +49,15 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
     models = [load(str(d), frames, torch.float32, fused=True) for d in (policy_dir, reference_dir)]
     for m in models:
         m.model.to(dev).eval()
-    pairs = read_decodable_pairs(urls, max_pairs, rejects)
+    pairs = []
+    for pair in read_decodable_pairs(urls, max_pairs, rejects):
+        try:  # as in training: a pair whose text cannot be encoded is rejected, not fatal
+            for m in models:
+                encode_pair(pair, m.tokenizer, m.video, max_answer_tokens)
+            pairs.append(pair)
+        except Exception as exc:  # noqa: BLE001  any tokenizer or template failure
+            rejects.add(f"{pair.video.key}/{pair.id}",
+                        f"cannot encode: {type(exc).__name__}: {str(exc)[:200]}")
     cfg = SimpleNamespace(max_answer_tokens=max_answer_tokens, packing=False)
     out = []
     for start in range(0, len(pairs), batch_pairs):
