@@ -206,6 +206,24 @@ def convert_to_universal(point: ResumePoint) -> Path:
     return out
 
 
+def prepare_universal(point: ResumePoint, world: int, rank: int) -> None:
+    """The universal copy of `point` made on rank 0; a failure there is raised on every rank
+    (one rank raising while the others wait at a barrier would hang the job)."""
+    import torch.distributed as dist
+
+    error: list = [None]
+    if rank == 0:
+        print(f"safevid: {point.path.name} was written by {point.world_size} ranks; converting "
+              f"it to a universal checkpoint for {world}", file=sys.stderr)
+        try:
+            convert_to_universal(point)
+        except (CheckpointError, OSError) as exc:
+            error[0] = str(exc)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():

@@ -91,7 +91,7 @@ def train(cfg) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from safevid import checkpoint, distributed
-    from safevid.data.stream import PairStream, expand_shards
+    from safevid.data.stream import PairStream, expand_shards, frames_per_video
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import (
@@ -126,10 +126,8 @@ def train(cfg) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         clear_stop_file(out)
-        if resume is not None and resume.world_size != world:
-            print(f"safevid: {resume.path.name} was written by {resume.world_size} ranks; "
-                  f"converting it to a universal checkpoint for {world}", file=sys.stderr)
-            checkpoint.convert_to_universal(resume)
+    if resume is not None and resume.world_size != world:
+        checkpoint.prepare_universal(resume, world, rank)
     dist.barrier()
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -158,7 +156,7 @@ def train(cfg) -> int:
 
     # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
     torch.manual_seed(cfg.train.seed)
-    num_frames = _num_frames(train_urls[0])
+    num_frames = frames_per_video(train_urls[0])
     load_args = dict(name_or_path=cfg.model.name_or_path, num_frames=num_frames, dtype=dtype,
                      fused=cfg.train.fused_logprobs, attn_implementation=cfg.model.attn_implementation,
                      trust_remote_code=cfg.model.trust_remote_code)
@@ -312,17 +310,6 @@ def _write_partition_stats(engine, path: Path) -> None:
         "resident_numel": sum(p.data.numel() for p in params),
     }
     path.write_text(json.dumps(stats))
-
-
-def _num_frames(url: str) -> int:
-    """Frames per video, read from the shard index (or the first sample)."""
-    index = Path(url).parent / "index.json"
-    if index.is_file():
-        return int(json.loads(index.read_text())["frames"]["num_frames"])
-    from safevid.data.stream import iter_videos
-    from safevid.data_prep.rejects import Rejects
-
-    return len(next(iter_videos([url], Rejects(None))).jpegs)
 
 
 def _summary(out: Path, rejected: int) -> None:

@@ -11,7 +11,6 @@ is ranked strictly) and the mean margin (chosen minus rejected reward).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,15 +22,6 @@ from safevid.data_prep.rejects import Rejects
 OVERALL = "overall"
 
 
-def _num_frames(urls: list[str]) -> int:
-    index = Path(urls[0]).parent / "index.json"
-    if index.is_file():
-        return int(json.loads(index.read_text())["frames"]["num_frames"])
-    from safevid.data.stream import iter_videos
-
-    return len(next(iter_videos(urls[:1], Rejects(None))).jpegs)
-
-
 @torch.no_grad()
 def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str, beta: float,
                  max_pairs: int = 512, batch_pairs: int = 4, max_answer_tokens: int = 512,
@@ -39,12 +29,12 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
     """Per pair: id, category, chosen and rejected rewards. Pairs whose frames do not decode
     are rejected (named, with the reason) and left out."""
     from safevid.data.collate import collate, encode_pair
-    from safevid.data.stream import expand_shards, read_decodable_pairs
+    from safevid.data.stream import expand_shards, frames_per_video, read_decodable_pairs
     from safevid.models.llava_next_video import batch_inputs, load
 
     rejects = rejects or Rejects(None)
     urls = expand_shards(shards, "--pairs")
-    frames = _num_frames(urls)
+    frames = frames_per_video(urls[0])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = [load(str(d), frames, torch.float32, fused=True) for d in (policy_dir, reference_dir)]
     for m in models:
