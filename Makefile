@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_logprobs.py
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_layouts.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -243,6 +243,19 @@ def _step_note(name: str, work: Path) -> str:
     return ""
 
 
+def compare_layout_runs(a: Path, b: Path) -> dict:
+    """Largest relative differences of loss and grad_norm between two runs' steps."""
+    if not ((a / "metrics.jsonl").is_file() and (b / "metrics.jsonl").is_file()):
+        return {}
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x]
+            for d in (a, b)]
+    pairs = list(zip(*rows, strict=False))
+    out: dict = {"steps": len(pairs)}
+    for key in ("loss", "grad_norm"):
+        out[key] = max(abs(x[key] - y[key]) / max(abs(y[key]), 1e-12) for x, y in pairs)
+    return out
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     work = Path(args.work)
     steps = []
@@ -250,7 +263,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         name, status, seconds = line.split("\t")
         steps.append({"step": name, "status": status, "seconds": float(seconds),
                       "note": _step_note(name, work)})
-    runs = {name: _load(work / "results" / f"{name}.json") for name in ("demo_dpo", "llava7b_dpo")}
+    runs = {name: _load(work / "results" / f"{name}.json")
+            for name in ("demo_dpo", "llava7b_dpo", "demo_packed", "qwen_demo")}
     print("\n## GPU check summary\n")
     print("| step | status | s | notes |")
     print("|---|---|--:|---|")
@@ -264,12 +278,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"| {name} | {r.get('tokens_per_s', '-')} | {r.get('peak_gib', '-')} | "
               f"{r.get('peak_kind', '-')} | {r.get('reserved_gib', '-')} | "
               f"{estimate.get(name, '-')} |")
+    layouts = compare_layout_runs(work / "demo_run", work / "demo_packed_run")
+    if layouts:
+        print(f"\nshared-prefix (demo_dpo) vs packed (demo_packed), {layouts['steps']} steps: "
+              f"max relative difference of loss {layouts['loss']:.2e}, of grad_norm "
+              f"{layouts['grad_norm']:.2e} (bf16: the layouts round differently)")
     failed = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
     print(f"\ngpu check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'}")
     summary = {"steps": steps, "runs": runs, "failed": failed,
                "device": _load(work / "results" / "device.json"),
                "bench": _load(work / "results" / "bench.json"),
-               "llava7b_build": build}
+               "llava7b_build": build, "layouts": layouts}
     _write(args.json, summary)
     return 1 if failed else 0
 

@@ -10,6 +10,9 @@
 #   6. builds a random LLaVA-NeXT-Video from the 7B config with fewer text layers
 #      (--layers, default 14) and trains 20 DPO steps of it on the demo shards: ZeRO-3, bf16,
 #      gradient checkpointing, frozen vision tower, a frozen reference;
+#   7. the row layouts on the GPU (FlexAttention): benchmarks/bench_layouts.py --gpu, the demo
+#      again with packed rows instead of shared-prefix ones (the summary compares both runs'
+#      losses and gradient norms), and the Qwen2-VL demo config;
 # and prints a summary table with tokens/s and peak GPU memory of both runs. Every step has its
 # own time limit inside a total budget, a failed step does not stop the later ones, and the
 # exit status is non-zero when any step failed.
@@ -19,7 +22,8 @@
 #
 # Options: --layers N (text layers of the 7B-shaped model; 32 is the full 7B), --assets DIR (demo assets, built
 # there when missing), --work DIR (scratch; default a new folder under /tmp), --budget S (total
-# seconds). With OUT set, the log, summary.json and both runs' metrics are copied to $OUT.
+# seconds), --steps a,b,... (run only these steps: install device kernels bench demo_dpo
+# llava7b layouts; default all), --wheels DIR (default .whl). With OUT set, the log, summary.json and both runs' metrics are copied to $OUT.
 #
 # Peak memory is torch.cuda.max_memory_allocated() read in the training process once the run
 # has ended (benchmarks/gpu_check.py train); on CPU it is the process's peak resident set.
@@ -40,6 +44,8 @@ LAYERS=14
 ASSETS=""
 WORK=""
 BUDGET=""
+STEPS=all
+WHEELS=.whl
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -47,6 +53,8 @@ while [ $# -gt 0 ]; do
     --assets) ASSETS=$2; shift ;;
     --work) WORK=$2; shift ;;
     --budget) BUDGET=$2; shift ;;
+    --steps) STEPS=$2; shift ;;
+    --wheels) WHEELS=$2; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -113,6 +121,8 @@ run_step() {
   [ "$rc" = 0 ] || FAILED=1
   return "$rc"
 }
+# wanted NAME: whether --steps selects this step.
+wanted() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
 skip_step() {
   say "==== $1: skipped ($2)"
   printf '%s\t%s\t%s\n' "$1" skipped 0 >> "$WORK/steps.tsv"
@@ -129,10 +139,10 @@ if [ "$DRY" = 1 ]; then
 else
   SITE=/tmp/gpu_check_site
   export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  if [ -d .whl ]; then
-    run_step install 120 "$PY" benchmarks/gpu_check.py install --wheels .whl --site "$SITE"
+  if [ -d "$WHEELS" ]; then
+    run_step install 120 "$PY" benchmarks/gpu_check.py install --wheels "$WHEELS" --site "$SITE"
   else
-    skip_step install "no .whl/ folder: run benchmarks/gpu_wheels.sh where there is network"
+    skip_step install "no $WHEELS/ folder: run benchmarks/gpu_wheels.sh where there is network"
   fi
   # setup.py installs kernels/, launcher/ and data_prep/ as safevid.kernels etc. Without pip
   # install, link them into the package for this run (removed again on exit).
@@ -153,7 +163,9 @@ else
 fi
 
 # ---- 3. kernel tests ---------------------------------------------------------------------
-if [ "$DRY" = 1 ]; then
+if ! wanted kernels; then
+  skip_step kernels "not in --steps"
+elif [ "$DRY" = 1 ]; then
   run_step kernels 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     -k "N7-H64-V31 or naive or cuda"
 else
@@ -167,7 +179,11 @@ if [ "$DRY" = 1 ]; then
 else
   BENCH=(--gpu)  # 16384x4096x152064, bf16, CUDA, Triton vs naive torch
 fi
-run_step bench 150 "$PY" benchmarks/bench_logprobs.py "${BENCH[@]}" --json "$WORK/results/bench.json"
+if wanted bench; then
+  run_step bench 150 "$PY" benchmarks/bench_logprobs.py "${BENCH[@]}" --json "$WORK/results/bench.json"
+else
+  skip_step bench "not in --steps"
+fi
 
 # ---- 5. demo DPO: configs/demo.yaml, ZeRO-3, one process -------------------------------
 if [ "$DRY" = 1 ]; then
@@ -175,8 +191,12 @@ if [ "$DRY" = 1 ]; then
 else
   DEMO=(train.max_steps=20)
 fi
-run_step demo_dpo 150 "$PY" benchmarks/gpu_check.py train --result "$WORK/results/demo_dpo.json" \
-  -- configs/demo.yaml "output_dir=$WORK/demo_run" "demo.assets_dir=$ASSETS" "${DEMO[@]}"
+if wanted demo_dpo; then
+  run_step demo_dpo 150 "$PY" benchmarks/gpu_check.py train --result "$WORK/results/demo_dpo.json" \
+    -- configs/demo.yaml "output_dir=$WORK/demo_run" "demo.assets_dir=$ASSETS" "${DEMO[@]}"
+else
+  skip_step demo_dpo "not in --steps"
+fi
 
 # ---- 6. LLaVA-NeXT-Video 7B config, fewer text layers -------------------------------------
 if [ "$DRY" = 1 ]; then
@@ -187,7 +207,9 @@ else
   SMALL=()
   L7B=(train.max_steps=20)
 fi
-if run_step llava7b_build 150 "$PY" benchmarks/gpu_check.py build-7b --out "$WORK/llava7b" \
+if ! wanted llava7b; then
+  skip_step llava7b_build "not in --steps"
+elif run_step llava7b_build 150 "$PY" benchmarks/gpu_check.py build-7b --out "$WORK/llava7b" \
     --assets "$ASSETS" --layers "$LAYERS" "${SMALL[@]}" --result "$WORK/results/llava7b_build.json"; then
   # The production ZeRO-3 settings (buckets and persistence sized for 7B), gradient
   # checkpointing as in configs/llava_next_video_7b.yaml, a short final evaluation, no export.
@@ -204,15 +226,35 @@ else
   FAILED=1
 fi
 
+# ---- 7. row layouts on the GPU ------------------------------------------------------------
+if wanted layouts; then
+  if [ "$DRY" = 1 ]; then
+    LB=(--hidden 64 --layers 1 --rounds 1 --pairs 4)
+  else
+    LB=(--gpu)
+  fi
+  run_step layouts_bench 240 "$PY" benchmarks/bench_layouts.py "${LB[@]}" --assets "$ASSETS" \
+    --json "$WORK/results/layouts.json"
+  run_step demo_packed 150 "$PY" benchmarks/gpu_check.py train --result "$WORK/results/demo_packed.json" \
+    -- configs/demo.yaml "output_dir=$WORK/demo_packed_run" "demo.assets_dir=$ASSETS" \
+    "${DEMO[@]}" data.shared_prefix=false
+  run_step qwen_demo 150 "$PY" benchmarks/gpu_check.py train --result "$WORK/results/qwen_demo.json" \
+    -- configs/demo_qwen2_vl.yaml "output_dir=$WORK/qwen_demo_run" "demo.assets_dir=$ASSETS" \
+    "${DEMO[@]}"
+else
+  skip_step layouts "not in --steps"
+fi
+
 # ---- summary -----------------------------------------------------------------------------
 SUMMARY=${OUT:+$OUT/summary.json}
 SUMMARY=${SUMMARY:-$WORK/summary.json}
 "$PY" benchmarks/gpu_check.py summary --work "$WORK" --json "$SUMMARY" | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || FAILED=1
 if [ -n "${OUT:-}" ]; then
-  for run in demo_run llava7b_run; do
+  for run in demo_run llava7b_run demo_packed_run qwen_demo_run; do
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$OUT/${run%_run}_metrics.jsonl"
   done
+  [ -f "$WORK/results/layouts.json" ] && cp "$WORK/results/layouts.json" "$OUT/layouts.json"
 fi
 say "gpu check finished in ${SECONDS}s; log $LOG, summary $SUMMARY"
 exit "$FAILED"

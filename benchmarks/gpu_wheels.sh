@@ -22,6 +22,7 @@ PACKAGES=(
   webdataset==1.0.2 braceexpand==0.1.7                                         # the data stream
   decord==0.6.0 av==18.1.0                                                     # demo videos
   omegaconf==2.4.0                                                             # configs
+  transformers==5.24.0  # the image's is older; the Qwen2-VL family is written against 5.24
 )
 
 # One version of each: two wheels of one package make the offline install fail.

@@ -46,8 +46,18 @@ def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = None) -> SampledFrames:
-    """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes."""
+def resize_shorter_side(frame: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to `size`, aspect ratio kept (for families that take any aspect, Qwen2-VL)."""
+    img = Image.fromarray(frame)
+    w, h = img.size
+    scale = size / min(w, h)
+    return np.asarray(img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC))
+
+
+def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = None,
+                crop: bool = True) -> SampledFrames:
+    """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes;
+    with `size`, shorter side to it and (with `crop`) a central square crop."""
     import decord
 
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -65,7 +75,8 @@ def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = 
     except Exception as exc:  # decord raises bare DECORDError/RuntimeError on corrupt input
         raise VideoError(f"{name}: cannot decode video ({type(exc).__name__}: {exc})") from exc
     if size is not None:
-        frames = np.stack([resize_center_crop(f, size) for f in frames])
+        resize = resize_center_crop if crop else resize_shorter_side
+        frames = np.stack([resize(f, size) for f in frames])
     timestamps = [round(i / fps, 3) if fps > 0 else 0.0 for i in indices]
     return SampledFrames(frames, indices, timestamps, fps, total)
 

@@ -56,7 +56,7 @@ def read_pairs(path: Path, rejects: Rejects) -> list[dict]:
 
 def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frames: int, size: int,
                    videos_per_shard: int = 64, workers: int = 2, rejects: Rejects | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, crop: bool = True) -> dict:
     """Write the shards; `rejects` may already hold inputs rejected while reading the pairs."""
     rejects = Rejects(out_dir / REJECTS_FILE, fresh=True) if rejects is None else rejects
     inputs = len(pairs) + rejects.count
@@ -68,7 +68,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
 
     def decode(path: Path):
         try:
-            return path, read_frames(path, num_frames, size), None
+            return path, read_frames(path, num_frames, size, crop), None
         except (VideoError, OSError) as exc:
             return path, None, str(exc)
 
@@ -91,7 +91,8 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
                 meta = {"source": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir)
                         else str(path), "num_frames": num_frames}
                 sets[split].add(path.stem, sampled, meta, split_pairs)
-    frames = {"num_frames": num_frames, "size": size, "format": "jpeg", "sampler": "uniform-centre"}
+    frames = {"num_frames": num_frames, "size": size, "crop": crop, "format": "jpeg",
+              "sampler": "uniform-centre"}
     index = write_index(out_dir, frames, {k: s.close() for k, s in sets.items()}, rejects.count, inputs)
     assert index["totals"]["pairs"] + index["totals"]["rejected"] == inputs, "pairs lost"
     return index
@@ -105,6 +106,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--format", default="jpeg", choices=["jpeg"], help="frame encoding")
     p.add_argument("--frames", type=int, default=8, help="frames sampled per video")
     p.add_argument("--size", type=int, default=336, help="square frame size (crop)")
+    p.add_argument("--keep-aspect", action="store_true",
+                   help="shorter side to --size without the square crop (Qwen2-VL family: it "
+                        "takes frames at their aspect ratio; LLaVA crops them on load)")
     p.add_argument("--videos-per-shard", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     args = p.parse_args(argv)
@@ -115,7 +119,7 @@ def main(argv: list[str]) -> int:
     rejects = Rejects(args.out / REJECTS_FILE, fresh=True, prefix="safevid prepare")
     pairs = read_pairs(args.pairs, rejects)
     index = prepare_shards(args.videos, pairs, args.out, args.frames, args.size,
-                           args.videos_per_shard, args.workers, rejects)
+                           args.videos_per_shard, args.workers, rejects, crop=not args.keep_aspect)
     t = index["totals"]
     print(f"{'inputs':>10} {'pairs':>8} {'videos':>8} {'rejected':>9}")
     print(f"{t['inputs']:>10} {t['pairs']:>8} {t['videos']:>8} {t['rejected']:>9}")

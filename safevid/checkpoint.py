@@ -39,8 +39,8 @@ MAY_DIFFER = (
     "output_dir", "demo.", "train.save_every", "train.keep_checkpoints",
     "train.eval_every", "train.collective_timeout_s", "train.export_hf", "train.fused_logprobs",
     "train.gradient_checkpointing", "train.micro_batch_pairs", "train.deepspeed_config",
-    "data.packing", "data.max_tokens_per_row", "data.decode_threads", "data.eval_shards",
-    "data.eval_max_pairs",
+    "data.packing", "data.shared_prefix", "data.max_tokens_per_row", "model.attention",
+    "data.decode_threads", "data.eval_shards", "data.eval_max_pairs",
 )
 
 

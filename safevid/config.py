@@ -21,12 +21,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "llava_next_video"
+    # auto: from the checkpoint's config.json (llava_next_video, qwen2_vl, qwen2_5_vl)
+    family: str = "auto"
     # Local transformers directory or hub id. Nothing is downloaded unless a hub id is named.
     name_or_path: str = "${demo.assets_dir}/model"
     freeze_vision: bool = True  # the LLaVA-NeXT-Video DPO recipe trains only the language model
     freeze_projector: bool = True
-    attn_implementation: str = "sdpa"
+    # auto: FlexAttention on GPU (flash-attn varlen when installed and the layout allows it),
+    # SDPA with a mask on CPU. Or sdpa_mask | flex | flash_varlen. Printed at start-up.
+    attention: str = "auto"
     dtype: str = "auto"  # auto: bf16 where the device has it, else fp32
     trust_remote_code: bool = False
 
@@ -36,9 +39,16 @@ class DataConfig:
     # Brace patterns and globs, comma-separated: "data/train-{000000..000031}.tar".
     shards: str = "${demo.assets_dir}/shards/train-*.tar"
     eval_shards: str | None = "${demo.assets_dir}/shards/heldout-*.tar"
-    packing: bool = True
+    # One sequence per pair, [prompt | chosen | rejected]: the prompt and its video go through
+    # the language model once. Off: one sequence per answer (packed or padded).
+    shared_prefix: bool = True
+    packing: bool = True  # several units per row, under max_tokens_per_row
     max_tokens_per_row: int = 4096
     max_answer_tokens: int = 512
+    # Prompt + one answer, in tokens; 0: the model's context window. A longer answer is cut
+    # (without EOS); a pair whose prompt leaves no room is rejected with its lengths.
+    max_length: int = 0
+    max_prompt_length: int = 0  # 0: no limit of its own
     shuffle_buffer: int = 512
     decode_threads: int = 2
     eval_max_pairs: int = 512
@@ -136,6 +146,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def validate(cfg: Config) -> None:
     from safevid.losses import LOSS_TYPES
+    from safevid.models.attention import BACKENDS
+    from safevid.models.family import FAMILY_NAMES
 
     checks = [
         (cfg.train.max_steps > 0, "train.max_steps", "must be > 0"),
@@ -150,8 +162,11 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)"),
         (cfg.loss.label_smoothing == 0.0 or cfg.loss.type not in ("ipo", "hinge"),
          "loss.label_smoothing", f"must be 0 with loss.type={cfg.loss.type}"),
-        (cfg.model.family in ("llava_next_video",), "model.family",
-         "must be llava_next_video"),
+        (cfg.model.family in FAMILY_NAMES, "model.family", f"must be one of {', '.join(FAMILY_NAMES)}"),
+        (cfg.model.attention in BACKENDS, "model.attention", f"must be one of {', '.join(BACKENDS)}"),
+        (cfg.data.max_length >= 0, "data.max_length", "must be >= 0"),
+        (cfg.data.max_prompt_length >= 0, "data.max_prompt_length", "must be >= 0"),
+        (cfg.data.max_answer_tokens > 0, "data.max_answer_tokens", "must be > 0"),
         (cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype",
          "must be auto, bf16, fp16 or fp32"),
         (cfg.data.max_tokens_per_row > 0, "data.max_tokens_per_row", "must be > 0"),
@@ -171,6 +186,26 @@ def check_world_size(cfg: Config, world_size: int) -> int:
             f"{cfg.train.micro_batch_pairs}"
         )
     return per_rank // cfg.train.micro_batch_pairs
+
+
+def check_lengths(cfg: Config, context_window: int) -> int:
+    """The effective `data.max_length`, checked against the model and the row budget at
+    start-up (before any data is read), so that no sequence ever needs an oversized row."""
+    d = cfg.data
+    max_length = d.max_length or context_window
+    if max_length > context_window:
+        raise ConfigError(f"key 'data.max_length': {max_length} is over the model's context window "
+                          f"of {context_window} tokens")
+    if d.max_prompt_length and d.max_prompt_length >= max_length:
+        raise ConfigError(f"key 'data.max_prompt_length': {d.max_prompt_length} leaves no room for "
+                          f"an answer within data.max_length={max_length}")
+    # A shared-prefix unit is prompt + chosen + rejected: at most 2 x max_length - 1 tokens.
+    unit = 2 * max_length - 1 if d.shared_prefix else max_length
+    if unit > d.max_tokens_per_row:
+        what = "2 x data.max_length - 1 (a shared-prefix pair)" if d.shared_prefix else "data.max_length"
+        raise ConfigError(f"key 'data.max_tokens_per_row': {d.max_tokens_per_row} is under {what} = "
+                          f"{unit}; raise it or set data.max_length (now {max_length}) lower")
+    return max_length
 
 
 def resolve_path(path: str) -> Path:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
-VERSION = "1"  # bump when the recipe changes so stale asset directories are rebuilt
+VERSION = "2"  # bump when the recipe changes so stale asset directories are rebuilt
 NUM_FRAMES, FRAME_SIZE = 4, 32
 
 
@@ -45,6 +45,11 @@ def _build(root: Path, seed: int) -> None:
     prepare_shards(root / "videos", pairs, root / "shards", NUM_FRAMES, FRAME_SIZE,
                    videos_per_shard=3, workers=2, progress=False)
     build_tiny_model(demo_texts(), root / "model", seed=seed)
+    # The Qwen family's tiny variants (configs/demo_qwen2_vl.yaml and the tests).
+    from safevid.models.tiny_qwen import build_tiny_qwen2_vl
+
+    for version, name in (("2", "model_qwen2_vl"), ("2.5", "model_qwen2_5_vl")):
+        build_tiny_qwen2_vl(demo_texts(), root / name, version=version, seed=seed)
 
 
 def ensure_demo_assets(root: Path, seed: int = 0) -> Path:

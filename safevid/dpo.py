@@ -9,31 +9,55 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from safevid.data.collate import MicroBatch, collate, encode_pair
+from safevid.data.collate import (
+    EncodedPair,
+    Layout,
+    Limits,
+    MicroBatch,
+    PairTooLong,
+    VideoTokens,
+    batch_inputs,
+    collate,
+    encode_pair,
+)
 from safevid.data.stream import Pair, PairStream, Video, read_decodable_pairs
 from safevid.data_prep.rejects import Rejects
 from safevid.losses import preference_loss, reward_metrics
-from safevid.models.llava_next_video import LoadedModel, batch_inputs
+from safevid.models.dpo_model import LoadedModel
+from safevid.models.family import VideoInput
 
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
              "logps/chosen", "logps/rejected", "tokens")
 
 
 class Batcher:
-    """Pairs -> a MicroBatch on the device (tokenized, packed or padded, frames normalised)."""
+    """Pairs -> a MicroBatch on CPU: frames through the family's preprocessing, text through the
+    chat template and the length rules, rows in the configured layout. Runs in the prefetch
+    thread during training (and on the main thread in evaluation)."""
 
-    def __init__(self, loaded: LoadedModel, data_cfg, device: torch.device, dtype: torch.dtype):
-        self.loaded, self.cfg, self.device, self.dtype = loaded, data_cfg, device, dtype
-        # What an unusable pair is run as: it keeps its slot (the same forwards on every rank)
-        # and weighs nothing.
-        self.stand_in = self._encode(Pair("", ".", ".", ".", None))
+    def __init__(self, loaded: LoadedModel, data_cfg):
+        self.loaded, self.family, self.cfg = loaded, loaded.family, data_cfg
+        self.limits = Limits(data_cfg.max_answer_tokens, data_cfg.max_length,
+                             data_cfg.max_prompt_length)
+        self.layout = Layout(data_cfg.shared_prefix, data_cfg.packing, data_cfg.max_tokens_per_row)
 
-    def _encode(self, pair: Pair):
-        m = self.loaded
-        return encode_pair(pair, m.tokenizer, m.video, self.cfg.max_answer_tokens)
+    def prepare(self, video: Video) -> VideoInput:
+        """The family's input for `video`, made once while the video is in use."""
+        if video.prepared is None:
+            video.prepared = self.family.prepare_video(video.frames(), video.meta)
+        return video.prepared
+
+    def _stand_in(self, pair: Pair) -> tuple[EncodedPair, VideoInput]:
+        """What an unusable pair is run as: it keeps its slot (the same forwards, the vision
+        tower called on every rank) and weighs nothing. Two frames of its own video (blank ones
+        when they did not decode) and one-token texts: small whatever made the pair unusable."""
+        video = self.family.prepare_video(pair.video.frames()[:2], pair.video.meta)
+        tokens = VideoTokens(self.family.video_token_id, video.tokens)
+        stand_in = Pair(pair.id, ".", ".", ".", None)
+        return encode_pair(stand_in, self.loaded.tokenizer, tokens, Limits(4, 0, 0)), video
 
     def encode(self, pair: Pair) -> str | None:
-        """Encode `pair` once (kept on it); the reason it cannot be, or None.
+        """Encode `pair` once (kept on it); the reason it cannot be used, or None.
 
         A failure is a property of the pair, so every rank that meets it decides alike; it is
         never an exception on the one rank that holds the pair, which would leave the others
@@ -41,20 +65,39 @@ class Batcher:
         """
         if pair.encoded is None:
             try:
-                pair.encoded = self._encode(pair)
+                tokens = VideoTokens(self.family.video_token_id, self.prepare(pair.video).tokens)
+                pair.encoded = encode_pair(pair, self.loaded.tokenizer, tokens, self.limits)
+            except PairTooLong as exc:
+                return str(exc)
             except Exception as exc:  # noqa: BLE001  any tokenizer or template failure
                 return f"cannot encode: {type(exc).__name__}: {str(exc)[:200]}"
         return None
 
+    def encode_fresh(self, pair: Pair) -> str | None:
+        """`encode` with this batcher's tokenizer even if another one encoded the pair."""
+        pair.encoded = None
+        return self.encode(pair)
+
     def __call__(self, pairs: list[Pair]) -> MicroBatch:
-        m = self.loaded
         for p in pairs:  # normally encoded already, in the prefetch thread
             if p.valid and self.encode(p) is not None:
                 p.valid = False
-        enc = [p.encoded if p.valid else self.stand_in for p in pairs]
-        batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id,
-                        self.cfg.packing, self.cfg.max_tokens_per_row)
-        return batch.to(self.device, self.dtype)
+        encoded, videos, video_of_pair = [], [], []
+        index: dict[int, int] = {}
+        for p in pairs:
+            if p.valid:
+                enc, key = p.encoded, id(p.video)
+                if key not in index:
+                    index[key] = len(videos)
+                    videos.append(self.prepare(p.video))
+                video_of_pair.append(index[key])
+            else:
+                enc, video = self._stand_in(p)
+                video_of_pair.append(len(videos))
+                videos.append(video)
+            encoded.append(enc)
+        return collate(encoded, videos, video_of_pair, self.family,
+                       self.loaded.tokenizer.pad_token_id, self.layout)
 
 
 def pair_losses(loss_cfg, logps: torch.Tensor, lengths: torch.Tensor,
@@ -79,18 +122,23 @@ def step_pairs(stream: PairStream, pairs_per_step: int, rank: int, world: int) -
 
 
 class StepPrefetcher:
-    """Prepares the next step's pairs (tar reads, JPEG decoding) while the current one trains.
+    """Prepares the next step while the current one trains: tar reads, JPEG decoding and the
+    family's frame preprocessing (in `decode_threads` threads), tokenization, length rules and
+    collation into the step's micro-batches (on CPU; the training thread only copies them to
+    the device).
 
     Each step comes with the stream position after it, so a checkpoint records where the
     trained steps end, not how far the prefetching has read.
     """
 
     def __init__(self, stream: PairStream, pairs_per_step: int, rank: int, world: int,
-                 decode_threads: int, rejects: Rejects, steps: int, encode=None):
+                 decode_threads: int, rejects: Rejects, steps: int, batcher: Batcher,
+                 micro_batch_pairs: int):
         from concurrent.futures import ThreadPoolExecutor
 
         self.args = (stream, pairs_per_step, rank, world)
-        self.rejects, self.remaining, self.encode = rejects, steps, encode
+        self.rejects, self.remaining, self.batcher = rejects, steps, batcher
+        self.micro = micro_batch_pairs
         self.decoder = ThreadPoolExecutor(max(1, decode_threads))
         self.loader = ThreadPoolExecutor(1)
         self.pending = self._submit()
@@ -100,25 +148,33 @@ class StepPrefetcher:
         self.remaining -= 1
         return self.loader.submit(self._load) if self.remaining >= 0 else None
 
-    def _load(self) -> tuple[list[Pair], tuple[int, int]]:
+    def _decode(self, video: Video) -> str | None:
+        error = video.decode_error()
+        if error is None:
+            self.batcher.prepare(video)
+        return error
+
+    def _load(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:
         stream = self.args[0]
         pairs = step_pairs(*self.args)
         videos = list({id(p.video): p.video for p in pairs}.values())
-        errors = dict(zip(map(id, videos), self.decoder.map(Video.decode_error, videos),
-                          strict=True))
-        # A pair whose frames do not decode keeps its slot (every rank runs the same number of
-        # forwards) but is rejected and weighs nothing in the step's loss.
+        errors = dict(zip(map(id, videos), self.decoder.map(self._decode, videos), strict=True))
+        # A pair whose frames do not decode, or whose text cannot be encoded or fit, keeps its
+        # slot (every rank runs the same number of forwards) but is rejected and weighs nothing.
         for pair in pairs:
-            error = errors[id(pair.video)] or (self.encode(pair) if self.encode else None)
+            error = errors[id(pair.video)] or self.batcher.encode(pair)
             if error is not None:
                 pair.valid = False
                 self.rejects.add(f"{pair.video.key}/{pair.id}", error)
-        return pairs, stream.position
+        batches = [self.batcher(pairs[i:i + self.micro]) for i in range(0, len(pairs), self.micro)]
+        for video in videos:
+            video.release()
+        return pairs, batches, stream.position
 
-    def next(self) -> tuple[list[Pair], tuple[int, int]]:
-        pairs, position = self.pending.result()
+    def next(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:
+        pairs, batches, position = self.pending.result()
         self.pending = self._submit()
-        return pairs, position
+        return pairs, batches, position
 
     def close(self) -> None:
         self.loader.shutdown(wait=True, cancel_futures=True)
@@ -167,7 +223,7 @@ def reduce_step_metrics(sums: dict, valid_pairs: int, device: torch.device) -> d
 
 @torch.no_grad()
 def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], cfg, rank: int,
-             world: int, out_dir: Path | None) -> dict:
+             world: int, out_dir: Path | None, device: torch.device, dtype: torch.dtype) -> dict:
     """Reward accuracy and margin on each named set of shards, spread over all ranks.
 
     Each rank runs the same number of forwards (the pair list is padded with repeats that are
@@ -180,16 +236,19 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
         if not urls:
             continue
         # Decoding and encoding are deterministic, so every rank drops the same pairs here.
-        pairs = [p for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None))
-                 if batcher.encode(p) is None]
+        pairs = []
+        for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None)):
+            if batcher.encode(p) is None:
+                pairs.append(p)
+            p.video.release()
         if not pairs:
             continue
         per_rank = math.ceil(len(pairs) / (world * m)) * m
         padded = pairs + [pairs[0]] * (per_rank * world - len(pairs))
-        table = torch.zeros(len(padded), 4, dtype=torch.float64, device=batcher.device)
+        table = torch.zeros(len(padded), 4, dtype=torch.float64, device=device)
         for start in range(rank * per_rank, (rank + 1) * per_rank, m):
             chunk = padded[start:start + m]
-            batch = batcher(chunk)
+            batch = batcher(chunk).to(device, dtype)
             for pair in chunk:
                 pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))

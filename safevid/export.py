@@ -28,7 +28,27 @@ def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Ten
     return state
 
 
-def export_hf(loaded, out_dir: Path, rank: int) -> None:
+# What a checkpoint directory holds beside weights and tokenizer for its processor: frame sizes,
+# normalisation, patching (Qwen's min/max pixels), and a chat template kept beside the processor.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
+                   "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(source: str, out_dir: Path) -> None:
+    """The source checkpoint's processor files, so the export preprocesses frames as training
+    did. A hub checkpoint's come from the local hub cache that loading it filled."""
+    src = Path(source)
+    if not src.is_dir():
+        from huggingface_hub import snapshot_download
+
+        src = Path(snapshot_download(source, allow_patterns=list(PROCESSOR_FILES),
+                                     local_files_only=True))
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file() and not (out_dir / name).exists():
+            shutil.copyfile(src / name, out_dir / name)
+
+
+def export_hf(loaded, out_dir: Path, rank: int, source: str) -> None:
     hf = loaded.model.hf
     state = gather_state_dict(hf, rank)
     if rank != 0:
@@ -39,6 +59,6 @@ def export_hf(loaded, out_dir: Path, rank: int) -> None:
     tmp.mkdir(parents=True)
     hf.save_pretrained(str(tmp), state_dict=state)
     loaded.tokenizer.save_pretrained(str(tmp))
-    loaded.frames.save(tmp)
+    copy_processor_files(source, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)

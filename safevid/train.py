@@ -16,7 +16,14 @@ import time
 import traceback
 from pathlib import Path
 
-from safevid.config import ConfigError, check_world_size, load_config, resolve_path, save_config
+from safevid.config import (
+    ConfigError,
+    check_lengths,
+    check_world_size,
+    load_config,
+    resolve_path,
+    save_config,
+)
 from safevid.distributed import prepare_env
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -91,7 +98,8 @@ def train(cfg) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from safevid import checkpoint, distributed
-    from safevid.data.stream import PairStream, expand_shards, frames_per_video
+    from safevid.data.collate import batch_inputs
+    from safevid.data.stream import PairStream, expand_shards
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import (
@@ -107,7 +115,8 @@ def train(cfg) -> int:
     from safevid.lifecycle import StopRequest, clear_stop_file, fault_delay, write_stop_file
     from safevid.losses import needs_reference
     from safevid.metrics import MetricsLog
-    from safevid.models.llava_next_video import batch_inputs, freeze, load
+    from safevid.models import attention
+    from safevid.models.dpo_model import freeze, load, load_family
     from safevid.optim import build_optimizer, build_scheduler
 
     # ---- config, process group, output directory -------------------------------------------
@@ -155,13 +164,20 @@ def train(cfg) -> int:
                                       resume is not None and resume.world_size != world}}
 
     # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
+    # Family, attention backend and lengths are settled before any weight is read, the same
+    # way on every rank (a refusal is a ConfigError on all of them).
+    try:
+        family = load_family(cfg.model.name_or_path, cfg.model.family, cfg.model.trust_remote_code)
+        backend = attention.choose(cfg.model.attention, device, cfg.data.shared_prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    cfg.data.max_length = check_lengths(cfg, family.context_window())
     torch.manual_seed(cfg.train.seed)
-    num_frames = frames_per_video(train_urls[0])
-    load_args = dict(name_or_path=cfg.model.name_or_path, num_frames=num_frames, dtype=dtype,
-                     fused=cfg.train.fused_logprobs, attn_implementation=cfg.model.attn_implementation,
+    load_args = dict(name_or_path=cfg.model.name_or_path, dtype=dtype,
+                     fused=cfg.train.fused_logprobs, family=family.name, backend=backend,
                      trust_remote_code=cfg.model.trust_remote_code)
     policy = load(**load_args)
-    freeze(policy.model, cfg.model.freeze_vision, cfg.model.freeze_projector)
+    freeze(policy, cfg.model.freeze_vision, cfg.model.freeze_projector)
     if cfg.train.gradient_checkpointing:
         policy.model.hf.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -181,13 +197,17 @@ def train(cfg) -> int:
         ref_engine, *_ = deepspeed.initialize(model=ref.model, config=ds)
         ref_engine.eval()
 
+    batcher = Batcher(policy, cfg.data)
     if rank == 0:
         ref_desc = cfg.model.name_or_path if ref_engine is not None else f"none ({cfg.loss.type})"
         print(f"safevid: policy {cfg.model.name_or_path}, reference: {ref_desc}, world {world}, "
               f"{str(dtype).removeprefix('torch.')}, {cfg.train.pairs_per_step} pairs/step in "
               f"{micro_steps} micro-steps of {cfg.train.micro_batch_pairs} per rank, "
-              f"{'fused' if cfg.train.fused_logprobs else 'plain'} log-probs, "
-              f"packing {'on' if cfg.data.packing else 'off'}", file=sys.stderr)
+              f"{'fused' if cfg.train.fused_logprobs else 'plain'} log-probs", file=sys.stderr)
+        print(f"safevid: family {family.name}, layout {batcher.layout.name}"
+              f"{' (rows packed)' if cfg.data.shared_prefix and cfg.data.packing else ''}, "
+              f"attention {backend} on {device.type}, max_length {cfg.data.max_length}, "
+              f"{cfg.data.max_tokens_per_row} tokens per row", file=sys.stderr)
 
     # ---- resume ---------------------------------------------------------------------------
     start_step, position = checkpoint.load(engine, resume, rank) if resume else (0, (0, 0))
@@ -196,19 +216,19 @@ def train(cfg) -> int:
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
     # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
-    batcher = Batcher(policy, cfg.data, device, dtype)
-    # Tokenization happens in the prefetch thread too: a pair whose text cannot be encoded is
-    # known (and weighs 0) before the step counts its usable pairs.
+    # Tokenization, length rules and collation happen in the prefetch thread too: a pair that
+    # cannot be used is known (and weighs 0) before the step counts its usable pairs.
     prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world,
                               cfg.data.decode_threads, Rejects(out / "rejects.jsonl"),
-                              steps=cfg.train.max_steps - start_step, encode=batcher.encode)
+                              steps=cfg.train.max_steps - start_step, batcher=batcher,
+                              micro_batch_pairs=cfg.train.micro_batch_pairs)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
 
     def run_eval(step: int) -> dict:
         sets = {"heldout": eval_urls, "train": train_urls}
         fault_delay("eval")
         return evaluate(engine, ref_engine, batcher, sets, cfg, rank, world,
-                        out if rank == 0 and step == cfg.train.max_steps else None)
+                        out if rank == 0 and step == cfg.train.max_steps else None, device, dtype)
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, position, rank, world,
@@ -223,19 +243,18 @@ def train(cfg) -> int:
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # this step's rate: the scheduler moves on at its last micro-step
-        mine, position = prefetch.next()
+        mine, batches, position = prefetch.next()
         valid = count_valid(mine, device)
         # Sum over this micro-batch's valid pairs x micro-steps x ranks / valid pairs: DeepSpeed
         # divides by the micro-steps and averages over ranks, so the gradient is that of the
         # mean over all of the step's valid pairs (with all valid: the micro-batch mean).
         scale = micro_steps * world / max(valid, 1)
         sums: dict[str, torch.Tensor] = {}
-        for i in range(0, len(mine), cfg.train.micro_batch_pairs):
+        for i, cpu_batch in zip(range(0, len(mine), cfg.train.micro_batch_pairs), batches,
+                                strict=True):
             chunk = mine[i:i + cfg.train.micro_batch_pairs]
-            batch = batcher(chunk)
+            batch = cpu_batch.to(device, dtype)
             weight = torch.tensor([float(p.valid) for p in chunk], device=device)
-            for pair in chunk:
-                pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))
             ref_logps = None
             if ref_engine is not None:
@@ -285,7 +304,7 @@ def train(cfg) -> int:
     # ---- export and summary ---------------------------------------------------------------
     # A finished run started again exports nothing new (and leaves hf/ and its times alone).
     if cfg.train.export_hf and not (start_step >= cfg.train.max_steps and (out / "hf").is_dir()):
-        export_hf(policy, out / "hf", rank)
+        export_hf(policy, out / "hf", rank, cfg.model.name_or_path)
     if rank == 0:
         _summary(out, rejects.count)
     dist.barrier()

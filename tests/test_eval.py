@@ -274,7 +274,7 @@ def test_generation_is_deterministic_batched_alike_and_resumes(demo_assets, tmp_
     items = load_bench(bench_file, videos_dir=corrupt).items
     assert len(items) == 7
     model = LocalModel(demo_assets / "model", num_frames=4)
-    assert model.frames.size == 32 and model.video.count == 4 * 4
+    assert model.family.read_size == 32
 
     def run(path: Path, batch: int = 3):
         return generate_answers(items, lambda: model, path, batch, 12, progress=False)

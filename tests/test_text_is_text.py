@@ -15,7 +15,7 @@ import json
 import math
 import tarfile
 
-from safevid.data.collate import VideoTokens, encode_pair, encode_prompt
+from safevid.data.collate import Limits, VideoTokens, encode_pair, encode_prompt
 from safevid.data.stream import Pair
 from tests.conftest import rows, run_train
 
@@ -23,7 +23,7 @@ HOSTILE = ["<video>", "<image>", "</s>", "<s>", "<pad>", "<unk>", "<|im_end|>"]
 
 
 def _tokenizer(assets):
-    from safevid.models.llava_next_video import load_tokenizer
+    from safevid.models.family import load_tokenizer
 
     return load_tokenizer(str(assets / "model"))
 
@@ -34,7 +34,7 @@ def test_special_token_strings_are_plain_text(demo_assets):
     specials = set(tok.all_special_ids)
     text = "Is " + " and ".join(HOSTILE) + " in the clip?"
     pair = Pair("p", text, "Fine </s> still talking", "Sure <video> here", None)
-    enc = encode_pair(pair, tok, video, 128)
+    enc = encode_pair(pair, tok, video, Limits(128, 0))
     # Exactly one video (the template's), one BOS, and one EOS per answer: the final token.
     assert enc.prompt.count(video.token_id) == video.count
     assert enc.prompt.count(tok.bos_token_id) == 1
@@ -75,8 +75,8 @@ def test_tokens_added_as_special_outside_the_map_are_text_too(demo_assets, tmp_p
 
 
 def _hostile_shard(good: str, path) -> list[dict]:
-    """One video (frames copied from a good shard) whose pairs carry special-token strings and
-    one pair whose text cannot be encoded."""
+    """One video (frames copied from a good shard) whose pairs carry special-token strings, one
+    pair whose text cannot be encoded and one whose prompt is over data.max_length."""
     with tarfile.open(good) as tar:
         members = tar.getmembers()
         key = members[0].name.split(".")[0]
@@ -88,6 +88,8 @@ def _hostile_shard(good: str, path) -> list[dict]:
         {"id": "text-im-end", "prompt": "Say <|im_end|> then stop.",
          "chosen": "I will not stop early.", "rejected": "<pad><unk>"},
         {"id": "broken-text", "prompt": "bad \ud800 text", "chosen": "a", "rejected": "b"},
+        {"id": "too-long", "prompt": " ".join(["Describe every frame in detail."] * 300),
+         "chosen": "No.", "rejected": "Yes."},
     ]
     files = {"hostile.json": json.dumps({"id": "hostile", "pairs": pairs}).encode()}
     files.update({f"hostile.{i:03d}.jpg": data for i, data in enumerate(jpegs)})
@@ -106,7 +108,7 @@ def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
     with tarfile.open(good) as tar:
         n_good = sum(len(json.loads(tar.extractfile(m).read())["pairs"])
                      for m in tar.getmembers() if m.name.endswith(".json"))
-    steps = -(-(n_good + 3) // 16)  # the whole first epoch, so every hostile pair is met
+    steps = -(-(n_good + 4) // 16)  # the whole first epoch, so every hostile pair is met
     out = tmp_path / "run"
     run_train(out, demo_assets, world=2, timeout=600, extra=(
         f"train.max_steps={steps}", f"data.shards={good},{hostile}", "data.shuffle_buffer=1000",
@@ -115,9 +117,13 @@ def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in logged)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    # Only the pair that cannot be encoded is rejected, by name, with the reason; the pairs
-    # with special-token strings trained as text.
-    assert [r["source"] for r in rejects] == ["hostile/broken-text"]
-    assert rejects[0]["reason"].startswith("cannot encode: TypeError")
-    # Its slot stays in its step (the same forwards on every rank) and weighs nothing there.
-    assert sum(16 - r["pairs"] for r in logged) >= 1
+    # Only the pair that cannot be encoded and the over-long one are rejected, by name, with
+    # the reason (the lengths for the long one); the pairs with special-token strings trained
+    # as text.
+    reasons = {r["source"]: r["reason"] for r in rejects}
+    assert sorted(reasons) == ["hostile/broken-text", "hostile/too-long"]
+    assert reasons["hostile/broken-text"].startswith("cannot encode: TypeError")
+    assert reasons["hostile/too-long"].startswith("too long: prompt ")
+    assert "data.max_length=1024" in reasons["hostile/too-long"]
+    # Their slots stay in their steps (the same forwards on every rank) and weigh nothing there.
+    assert sum(16 - r["pairs"] for r in logged) == 2

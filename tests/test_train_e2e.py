@@ -142,23 +142,27 @@ def test_step_one_grad_norm_is_that_of_the_mean_loss(short_w1):
     over the step's pairs. Catches a gradient scale that is wrong the same way on every world
     size (a sum instead of a mean, a missing or extra micro-step factor), which the world-size
     comparison cannot see and Adam's normalisation hides from losses and weights."""
+    from types import SimpleNamespace
+
     import torch
     import torch.nn.functional as F
     import yaml
 
-    from safevid.data.collate import collate, encode_pair
+    from safevid.data.collate import batch_inputs
     from safevid.data.stream import PairStream, expand_shards
-    from safevid.models.llava_next_video import batch_inputs, freeze, load
+    from safevid.dpo import Batcher
+    from safevid.models.dpo_model import freeze, load
 
     cfg = yaml.safe_load((short_w1 / "config.yaml").read_text())  # as resolved by the run
     data, train = cfg["data"], cfg["train"]
     pairs = PairStream(expand_shards(data["shards"]), train["seed"],
                        data["shuffle_buffer"]).take(train["pairs_per_step"])
-    m = load(cfg["model"]["name_or_path"], len(pairs[0].video.jpegs), torch.float32, fused=False)
-    freeze(m.model, cfg["model"]["freeze_vision"], cfg["model"]["freeze_projector"])
+    m = load(cfg["model"]["name_or_path"], torch.float32, fused=False)
+    freeze(m, cfg["model"]["freeze_vision"], cfg["model"]["freeze_projector"])
     m.model.train()
-    enc = [encode_pair(p, m.tokenizer, m.video, data["max_answer_tokens"]) for p in pairs]
-    batch = collate(pairs, enc, m.frames, m.video, m.tokenizer.pad_token_id, False, 0)
+    # Padded rows, one sequence per row: the plainest layout, against the run's shared-prefix.
+    layout = {**data, "shared_prefix": False, "packing": False}
+    batch = Batcher(m, SimpleNamespace(**layout))(pairs)
     logps, _ = m.model(**batch_inputs(batch.to("cpu", torch.float32)))
     # Policy = reference at step 1: the reference log-probs are the policy's, detached.
     chosen, rejected = logps[0::2], logps[1::2]
@@ -188,13 +192,18 @@ def test_fused_matches_plain_logprobs(short_w1, demo_assets, tmp_path):
     assert_same_training(out, short_w1)
 
 
-def test_packed_matches_unpacked(short_w1, demo_assets, tmp_path):
-    """Packed rows (block-diagonal mask, restarting positions) vs one sequence per padded row.
-    Catches sequences that see each other, positions that do not restart, or labels placed
-    differently in packed rows."""
-    out = tmp_path / "unpacked"
-    run_train(out, demo_assets, world=1, extra=(*SHORT, "data.packing=false"))
-    assert_same_training(out, short_w1)
+def test_layouts_match(short_w2, demo_assets, tmp_path):
+    """The default shared-prefix rows (one [prompt | chosen | rejected] unit per pair, rows
+    packed) vs padded rows (one [prompt | answer] sequence per row) on 2 ZeRO-3 ranks: the same
+    losses, gradient norms and final weights. Catches an answer that sees the other answer,
+    rejected positions that do not continue from the prompt, a first rejected token predicted
+    from the wrong place, or a gradient scale that differs by layout (Adam hides that from
+    losses, not from `grad_norm`). Packed sequences are compared per answer in
+    test_layouts.py (and on 1 rank against shared-prefix rows in the GPU check's dry run)."""
+    out = tmp_path / "layout"
+    run_train(out, demo_assets, world=2,
+              extra=(*SHORT, "data.shared_prefix=false", "data.packing=false"))
+    assert_same_training(out, short_w2)
 
 
 def test_gradient_checkpointing_matches(short_w1, demo_assets, tmp_path):
@@ -250,7 +259,7 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
     import torch
     from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
 
-    from safevid.data.collate import encode_pair
+    from safevid.data.collate import Limits, encode_pair
     from safevid.data.stream import expand_shards, read_all_pairs
     from safevid.models.llava_next_video import video_tokens_per_frame
     from safevid.models.preprocess import frame_spec_for
@@ -278,7 +287,7 @@ def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):
             assert not torch.equal(tensor, before[name]), f"trainable {name} did not change"
 
     for pair in pairs:
-        enc = encode_pair(pair, tok, Video, 128)
+        enc = encode_pair(pair, tok, Video, Limits(128, 1024))
         pixels = frames(pair.video.frames())[None]
         for answer, key in ((enc.chosen, "logps/chosen"), (enc.rejected, "logps/rejected")):
             ids = torch.tensor([enc.prompt + answer])

@@ -32,6 +32,7 @@ class Video:
     jpegs: list[bytes]
     error: str | None = None  # set once decoding has failed
     _frames: np.ndarray | None = field(default=None, repr=False)
+    prepared: object = field(default=None, repr=False)  # the family's VideoInput, while in use
 
     def frames(self) -> np.ndarray:
         """uint8 [F, H, W, 3], decoded once while in use (see `release`).
@@ -65,6 +66,7 @@ class Video:
     def release(self) -> None:
         """Drop decoded frames: the video's other pairs may wait long in the shuffle buffer."""
         self._frames = None
+        self.prepared = None
 
 
 @dataclass

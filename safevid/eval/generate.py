@@ -1,9 +1,10 @@
-"""Answers from a local LLaVA-NeXT-Video transformers directory, prompted exactly as in training.
+"""Answers from a local transformers directory of any supported family, prompted exactly as in
+training.
 
-Frames come from the project's one sampler (`read_frames`), normalised by
-`frame_spec_for(model_dir, image_size)`; the prompt is `encode_pair`'s prompt part (chat
-template, BOS, the video placeholder expanded to one token per video feature), so the model
-sees at evaluation what it saw in training. The shards store those frames as JPEG; evaluation
+Frames come from the project's one sampler (`read_frames`) and the family's own preprocessing;
+the prompt is `encode_prompt` (chat template, BOS where the model has one, the video
+placeholder expanded to one token per video feature), so the model sees at evaluation what it
+saw in training. The shards store those frames as JPEG; evaluation
 reads the video directly, which differs only by the JPEG rounding.
 
 Resumable and reproducible: items are cut into fixed batches in bench order, and a batch that
@@ -106,15 +107,14 @@ def default_num_frames(model_dir: str | Path) -> tuple[int, str]:
 
 
 class LocalModel:
-    """A LLaVA-NeXT-Video transformers directory as a batched answer generator."""
+    """A transformers directory of any supported family as a batched answer generator."""
 
     def __init__(self, model_dir: str | Path, num_frames: int, device: str | None = None,
                  dtype: str = "auto") -> None:
-        from transformers import LlavaNextVideoForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
-        from safevid.data.collate import VideoTokens
-        from safevid.models.llava_next_video import load_tokenizer, video_tokens_per_frame
-        from safevid.models.preprocess import frame_spec_for
+        from safevid.models.dpo_model import load_family
+        from safevid.models.family import load_tokenizer
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -123,33 +123,31 @@ class LocalModel:
             dtype = "bfloat16" if bf16 else "float32"
         self.dtype = getattr(torch, dtype)
         self.tokenizer = tok = load_tokenizer(str(self.model_dir))
-        self.model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+        self.family = load_family(str(self.model_dir))
+        self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_dir, dtype=self.dtype).to(self.device).eval()
-        cfg = self.model.config
         self.num_frames = num_frames
-        self.video = VideoTokens(cfg.video_token_index, num_frames * video_tokens_per_frame(cfg))
-        self.frames = frame_spec_for(self.model_dir, cfg.vision_config.image_size)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
-    def prompt_ids(self, item: BenchItem) -> list[int]:
-        """The training prompt: `encode_pair`'s prompt part (its answers are unused here)."""
-        from safevid.data.collate import encode_pair
-        from safevid.data.stream import Pair
+    def prompt_ids(self, item: BenchItem, video) -> list[int]:
+        """The training prompt: `encode_prompt` with this video's placeholder count."""
+        from safevid.data.collate import VideoTokens, encode_prompt
 
-        pair = Pair(id=item.id, prompt=item.query, chosen="", rejected="", video=None)
-        return encode_pair(pair, self.tokenizer, self.video, max_answer_tokens=1).prompt
+        return encode_prompt(item.query, self.tokenizer,
+                             VideoTokens(self.family.video_token_id, video.tokens))
 
-    def pixels(self, video: Path) -> torch.Tensor:
-        """[F, 3, S, S] for one video; raises VideoError when its frames do not decode."""
+    def pixels(self, video: Path):
+        """The family's input for one video; raises VideoError when its frames do not decode."""
         from safevid.data_prep.frames import read_frames
 
-        return self.frames(read_frames(video, self.num_frames, self.frames.size).frames)
+        sampled = read_frames(video, self.num_frames, self.family.read_size)
+        return self.family.prepare_video(sampled.frames, {"timestamps": sampled.timestamps})
 
     @torch.no_grad()
-    def generate(self, items: list[BenchItem], pixels: list[torch.Tensor], max_new_tokens: int,
+    def generate(self, items: list[BenchItem], pixels: list, max_new_tokens: int,
                  temperature: float = 0.0) -> list[Answer]:
-        prompts = [self.prompt_ids(item) for item in items]
+        prompts = [self.prompt_ids(item, video) for item, video in zip(items, pixels, strict=True)]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         # Left padding: every row's last prompt token sits at the same column, where generation
@@ -157,11 +155,11 @@ class LocalModel:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                             device=self.device)
+        video_inputs = self.family.generate_inputs(pixels, ids, self.device, self.dtype)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
             {"do_sample": False}
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask,
-            pixel_values_videos=torch.stack(pixels).to(self.device, self.dtype),
+            input_ids=ids, attention_mask=mask, **video_inputs,
             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
             top_p=None, top_k=None, **sampling,
         )[:, width:].tolist()

@@ -28,35 +28,39 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
                  device: str | None = None, rejects: Rejects | None = None) -> list[dict]:
     """Per pair: id, category, chosen and rejected rewards. Pairs whose frames do not decode
     are rejected (named, with the reason) and left out."""
-    from safevid.data.collate import collate, encode_pair
-    from safevid.data.stream import expand_shards, frames_per_video, read_decodable_pairs
-    from safevid.models.llava_next_video import batch_inputs, load
+    from safevid.data.collate import batch_inputs
+    from safevid.data.stream import expand_shards, read_decodable_pairs
+    from safevid.dpo import Batcher
+    from safevid.models.dpo_model import load
 
     rejects = rejects or Rejects(None)
     urls = expand_shards(shards, "--pairs")
-    frames = frames_per_video(urls[0])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = [load(str(d), frames, torch.float32, fused=True) for d in (policy_dir, reference_dir)]
+    models = [load(str(d), torch.float32, fused=True) for d in (policy_dir, reference_dir)]
+    # The training path (`Batcher`): encoding, length rules, shared-prefix rows; SDPA with a
+    # mask works on every device, and evaluation needs no speed from another backend.
+    data = SimpleNamespace(max_answer_tokens=max_answer_tokens, max_length=0, max_prompt_length=0,
+                           shared_prefix=True, packing=False, max_tokens_per_row=1 << 30)
+    batchers = [Batcher(m, data) for m in models]
     for m in models:
         m.model.to(dev).eval()
     pairs = []
     for pair in read_decodable_pairs(urls, max_pairs, rejects):
-        try:  # as in training: a pair whose text cannot be encoded is rejected, not fatal
-            for m in models:
-                encode_pair(pair, m.tokenizer, m.video, max_answer_tokens)
+        # As in training: a pair whose text cannot be encoded is rejected, not fatal.
+        errors = [e for b in batchers if (e := b.encode_fresh(pair)) is not None]
+        pair.video.release()
+        if errors:
+            rejects.add(f"{pair.video.key}/{pair.id}", errors[0])
+        else:
             pairs.append(pair)
-        except Exception as exc:  # noqa: BLE001  any tokenizer or template failure
-            rejects.add(f"{pair.video.key}/{pair.id}",
-                        f"cannot encode: {type(exc).__name__}: {str(exc)[:200]}")
-    cfg = SimpleNamespace(max_answer_tokens=max_answer_tokens, packing=False)
     out = []
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
         logps = []
-        for m in models:
-            # The same encoding and rows as training (`Batcher`), one sequence per row.
-            enc = [encode_pair(p, m.tokenizer, m.video, cfg.max_answer_tokens) for p in chunk]
-            batch = collate(chunk, enc, m.frames, m.video, m.tokenizer.pad_token_id, False, 1)
+        for m, b in zip(models, batchers, strict=True):
+            for pair in chunk:  # each model's own tokenizer
+                pair.encoded = None
+            batch = b(chunk)
             logps.append(m.model(**batch_inputs(batch.to(dev, torch.float32)))[0].double())
         for pair in chunk:
             pair.video.release()

@@ -36,13 +36,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024):
-    """Train a BPE model on `texts`, save it as a transformers tokenizer in `out_dir`, return it."""
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024, *,
+                    specials: list[str] | None = None, chat_template: str | None = None):
+    """Train a BPE model on `texts`, save it as a transformers tokenizer in `out_dir`, return it.
+
+    `specials` are kept whole by the model and registered as special tokens (default: LLaVA's
+    <video> and <image>); `chat_template` defaults to the LLaVA-NeXT-Video layout."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    specials = [VIDEO_TOKEN, IMAGE_TOKEN] if specials is None else list(specials)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)),
@@ -53,15 +58,15 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         byte_fallback=True,
         pad_id=3,
         pad_piece="<pad>",
-        user_defined_symbols=[VIDEO_TOKEN, IMAGE_TOKEN],
+        user_defined_symbols=specials,
         num_threads=1,
         minloglevel=2,
     )
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     tok = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True, legacy=False)
     # Registered as special tokens so that no pre-tokenizer ever splits them.
-    tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN, IMAGE_TOKEN]})
+    tok.add_special_tokens({"additional_special_tokens": specials})
     tok.pad_token = "<pad>"
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
     tok.save_pretrained(str(out_dir))
     return tok

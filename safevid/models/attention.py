@@ -1,0 +1,106 @@
+"""Attention backends for the row layouts of `safevid.data.collate`, chosen once at start-up.
+
+- `sdpa_mask`: a boolean [R, 1, L, L] mask built on the step's device from the per-token
+  `group` / `branch` ids, for torch's SDPA. Works everywhere; L^2 memory and work. The CPU
+  default (FlexAttention has no backward on CPU).
+- `flex`: FlexAttention with a block mask made from the same ids: no [L, L] tensor, and blocks
+  that no query may see are skipped, so the work follows the sum of n^2 over units rather than
+  L^2. Every layout, shared-prefix included. The GPU default.
+- `flash_varlen`: flash-attn's varlen kernel through transformers' position-id packing: the
+  real tokens of all rows become one row, and sequences are found where the text positions
+  restart at 0. Packed and padded layouts only: a shared-prefix unit's rejected answer must see
+  the prompt but not the chosen answer before it, which varlen cannot express. Used only when
+  named (`model.attention=flash_varlen`) or when flash-attn is installed and the layout is not
+  shared-prefix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+BACKENDS = ("auto", "sdpa_mask", "flex", "flash_varlen")
+
+
+class AttentionError(ValueError):
+    """A backend that cannot serve this layout or device; the message says what to change."""
+
+
+def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
+    """The backend for this run; refuses (never silently swaps) a combination that cannot work."""
+    if requested not in BACKENDS:
+        raise AttentionError(f"model.attention={requested!r}: must be one of {', '.join(BACKENDS)}")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        if device.type != "cuda":
+            return "sdpa_mask"
+        return "flash_varlen" if has_flash and not shared_prefix else "flex"
+    if requested == "flex" and device.type != "cuda":
+        raise AttentionError("model.attention=flex: FlexAttention has no backward pass on CPU; use "
+                             "model.attention=sdpa_mask (or auto) on CPU")
+    if requested == "flash_varlen":
+        if device.type != "cuda" or not has_flash:
+            raise AttentionError("model.attention=flash_varlen needs a CUDA device and the "
+                                 "flash-attn package; use model.attention=auto")
+        if shared_prefix:
+            raise AttentionError("model.attention=flash_varlen cannot express shared-prefix pairs "
+                                 "(the rejected answer sees the prompt but not the chosen answer); "
+                                 "use model.attention=flex, or data.shared_prefix=false")
+    return requested
+
+
+def hf_attn_implementation(backend: str) -> dict[str, str]:
+    """What transformers loads the model with: the backend for the language model; the vision
+    tower (which never sees our rows) keeps SDPA."""
+    text = {"sdpa_mask": "sdpa", "flex": "flex_attention", "flash_varlen": "flash_attention_2"}[backend]
+    return {"text_config": text, "vision_config": "sdpa"}
+
+
+def allowed(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """[R, 1, L, L] bool, True = may attend. Padding attends to itself only, so that no query
+    row is empty (an empty row turns softmax into NaN)."""
+    L = group.shape[1]
+    q_group, k_group = group[:, :, None], group[:, None, :]
+    q_branch, k_branch = branch[:, :, None], branch[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=group.device).tril()
+    ok = (q_group == k_group) & (q_group >= 0) & causal & ((k_branch == 0) | (k_branch == q_branch))
+    return (ok | torch.eye(L, dtype=torch.bool, device=group.device))[:, None]
+
+
+def block_mask(group: torch.Tensor, branch: torch.Tensor):
+    """The same rule as `allowed`, as a FlexAttention BlockMask (no [L, L] tensor is made)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    R, L = group.shape
+
+    def mask_mod(b, h, q, k):
+        gq, gk = group[b, q], group[b, k]
+        bq, bk = branch[b, q], branch[b, k]
+        same = (gq == gk) & (gq >= 0) & (k <= q) & ((bk == 0) | (bk == bq))
+        return same | (q == k)
+
+    # Compiled on CUDA: the mask is then built block by block, never as an [R, L, L] tensor
+    # (uncompiled, create_block_mask materialises it). Uncompiled on CPU, where it serves only
+    # forward checks and compiling would cost more than it saves.
+    return create_block_mask(mask_mod, R, None, L, L, device=group.device,
+                             _compile=group.device.type == "cuda")
+
+
+def prepare(backend: str, group: torch.Tensor, branch: torch.Tensor):
+    """The attention_mask argument for the language model (None for flash_varlen)."""
+    if backend == "sdpa_mask":
+        return allowed(group, branch)
+    if backend == "flex":
+        return block_mask(group, branch)
+    return None
+
+
+def mask_bytes(backend: str, rows: int, width: int, block: int = 128) -> int:
+    """What the backend's mask takes in memory for `rows` x `width` tokens (for the benchmark)."""
+    if backend == "sdpa_mask":
+        return rows * width * width  # bool
+    if backend == "flex":
+        blocks = -(-width // block)
+        return rows * blocks * blocks * 4 * 2 + rows * blocks * 4 * 2  # indices and counts
+    return 4 * (rows + 1)  # cu_seqlens
