@@ -54,10 +54,22 @@ def resize_shorter_side(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC))
 
 
+def fps_indices(total_frames: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
+    """Frames at `fps` (the centre of each 1/fps interval), at most `max_frames` of them spread
+    over the whole video; uniform sampling when the source's rate is unknown."""
+    if source_fps <= 0:
+        return sample_indices(total_frames, max_frames)
+    n = max(1, min(max_frames, int(total_frames / source_fps * fps)))
+    if n == max_frames and total_frames / source_fps * fps > max_frames:
+        return sample_indices(total_frames, n)  # too long for the rate: spread the maximum
+    return [min(total_frames - 1, int((i + 0.5) * source_fps / fps)) for i in range(n)]
+
+
 def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = None,
-                crop: bool = True) -> SampledFrames:
-    """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes;
-    with `size`, shorter side to it and (with `crop`) a central square crop."""
+                crop: bool = True, fps: float | None = None) -> SampledFrames:
+    """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes (with
+    `fps`: frames at that rate, at most `num_frames`); with `size`, shorter side to it and (with
+    `crop`) a central square crop."""
     import decord
 
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -67,8 +79,9 @@ def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = 
         total = len(reader)
         if total == 0:
             raise VideoError(f"{name}: video has no frames")
-        fps = float(reader.get_avg_fps() or 0.0)
-        indices = sample_indices(total, num_frames)
+        fps_src = float(reader.get_avg_fps() or 0.0)
+        indices = (fps_indices(total, fps_src, fps, num_frames) if fps
+                   else sample_indices(total, num_frames))
         frames = reader.get_batch(indices).asnumpy()
     except VideoError:
         raise
@@ -77,8 +90,8 @@ def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = 
     if size is not None:
         resize = resize_center_crop if crop else resize_shorter_side
         frames = np.stack([resize(f, size) for f in frames])
-    timestamps = [round(i / fps, 3) if fps > 0 else 0.0 for i in indices]
-    return SampledFrames(frames, indices, timestamps, fps, total)
+    timestamps = [round(i / fps_src, 3) if fps_src > 0 else 0.0 for i in indices]
+    return SampledFrames(frames, indices, timestamps, fps_src, total)
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:

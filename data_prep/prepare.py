@@ -1,127 +1,284 @@
 """`safevid prepare`: videos + pairs -> WebDataset shards, index.json and rejects.jsonl.
 
-Pairs are grouped by video; each video is decoded once (the shared frame sampler) and stored
-once with all of its pairs. A pair's `split` field (default "train") picks its shard set, e.g.
-`train-000000.tar`, `heldout-000000.tar`. Nothing is lost: every input pair is either written
-or in rejects.jsonl with its source and reason, and index.json's totals say so.
+Pairs are grouped by video; each video is decoded once (the shared frame sampler, in worker
+processes) and stored once with all of its pairs. A pair's `split` field (default "train")
+picks its shard set, e.g. `train-000000.tar`, `heldout-000000.tar`.
+
+- Order: each split's videos are written in a seeded random order, so no shard holds one
+  category or one source folder; the same inputs and settings give the same shards, byte for
+  byte.
+- Keys: `data_prep.keys.sample_key`, safe and unique whatever the file names; a pair's video
+  path must stay inside the video directory.
+- Job arrays: shard i belongs to job i % num_jobs. Each job writes its shards (each written
+  beside and renamed into place, then recorded in `.parts/`), and a merge writes index.json and
+  rejects.jsonl from the records. A rerun skips every shard already recorded, so a crashed job
+  resumes and a half-written shard is never counted.
+- Nothing is lost: every input pair is either written or in rejects.jsonl with its source and
+  reason, and index.json's totals say so (inputs = pairs + rejected).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safevid.data_prep.frames import VideoError, read_frames
+from safevid.data_prep.frames import VideoError, encode_jpeg, read_frames
+from safevid.data_prep.keys import UnsafePath, confine, sample_key
+from safevid.data_prep.pairs_io import FORMATS, iter_pairs, parse_map
 from safevid.data_prep.rejects import Rejects
-from safevid.data_prep.shards import PAIR_FIELDS, REJECTS_FILE, ShardSet, write_index
+from safevid.data_prep.shards import INDEX_FILE, REJECTS_FILE, write_index, write_shard
 from tqdm import tqdm
 
 PAIR_KEEP = ("id", "prompt", "chosen", "rejected", "category", "query_type", "provenance")
+PARTS = ".parts"
 
 
-def _video_path(videos_dir: Path, pair: dict) -> Path | None:
+@dataclass(frozen=True)
+class FrameSettings:
+    num_frames: int  # frames per video (the maximum, with fps)
+    size: int  # shorter side (and square crop unless keep_aspect)
+    crop: bool = True
+    fps: float | None = None  # sample at this rate instead of uniformly
+    jpeg_quality: int = 90
+    short_videos: str = "pad"  # fewer decodable frames than asked: "pad" (repeat) or "reject"
+
+
+def _video_relpath(videos_dir: Path, pair: dict) -> str:
+    """The pair's video, relative to `videos_dir` ('/'-separated); raises UnsafePath."""
     if pair.get("video"):
-        return videos_dir / pair["video"]
-    if pair.get("video_id"):
-        matches = sorted(videos_dir.glob(f"{pair['video_id']}.*"))
-        return matches[0] if matches else videos_dir / f"{pair['video_id']}.mp4"
-    return None
+        confine(videos_dir, pair["video"])
+        return pair["video"].replace("\\", "/")
+    name = str(pair["video_id"])
+    confine(videos_dir, name)
+    matches = sorted(p for p in videos_dir.glob(f"{name}.*") if p.is_file())
+    return (matches[0].relative_to(videos_dir).as_posix() if matches else f"{name}.mp4")
 
 
-def read_pairs(path: Path, rejects: Rejects) -> list[dict]:
-    """Pairs from a JSONL file; malformed lines are rejected with their line number."""
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{n}"
+def _quiet_worker() -> None:
+    """Worker processes: ffmpeg's own log lines (written by C code to fd 2) stay off the
+    terminal; failures still reach the parent as exceptions with their messages."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
+def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[bytes] | None, str | None]:
+    """(record, JPEG frames, None) or (None, None, reason); runs in a worker process."""
+    if not Path(path).is_file():
+        return None, None, "not found"
+    if Path(path).stat().st_size == 0:
+        return None, None, "empty file (0 bytes)"
+    try:
+        sampled = read_frames(path, settings.num_frames, settings.size, settings.crop, settings.fps)
+    except (VideoError, OSError) as exc:
+        return None, None, str(exc)
+    distinct = len(set(sampled.indices))
+    if settings.short_videos == "reject" and distinct < len(sampled.indices):
+        return None, None, (f"only {sampled.total_frames} decodable frames, {len(sampled.indices)} "
+                            "asked (--short-videos reject)")
+    record = {"fps": sampled.fps, "total_frames": sampled.total_frames,
+              "frame_indices": sampled.indices, "timestamps": sampled.timestamps}
+    return record, [encode_jpeg(f, settings.jpeg_quality) for f in sampled.frames], None
+
+
+def plan_shards(videos_dir: Path, pairs: list[dict], rejects: Rejects, videos_per_shard: int,
+                seed: int) -> dict[str, list[list[tuple[str, list[dict]]]]]:
+    """split -> shards -> (video relpath, its pairs), in the seeded order. Pairs whose video
+    path is unsafe are rejected here."""
+    by_split: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for pair in pairs:
         try:
-            pair = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rejects.add(source, f"invalid JSON: {exc}")
+            rel = _video_relpath(videos_dir, pair)
+        except UnsafePath as exc:
+            rejects.add(pair["_source"], str(exc), id=pair.get("id"))
             continue
-        missing = [k for k in PAIR_FIELDS if not isinstance(pair.get(k), str) or not pair[k]]
-        if missing or not (pair.get("video") or pair.get("video_id")):
-            reason = f"missing fields: {missing or ['video or video_id']}"
-            rejects.add(source, reason, id=pair.get("id"))
-            continue
-        pair["_source"] = source
-        pairs.append(pair)
-    return pairs
+        by_split[pair.get("split") or "train"][rel].append(pair)
+    plan = {}
+    for split, videos in sorted(by_split.items()):
+        order = sorted(videos)
+        random.Random(f"{seed}/{split}").shuffle(order)
+        items = [(rel, videos[rel]) for rel in order]
+        plan[split] = [items[i:i + videos_per_shard] for i in range(0, len(items), videos_per_shard)]
+    return plan
+
+
+def _shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frames: int, size: int,
                    videos_per_shard: int = 64, workers: int = 2, rejects: Rejects | None = None,
-                   progress: bool = True, crop: bool = True) -> dict:
-    """Write the shards; `rejects` may already hold inputs rejected while reading the pairs."""
-    rejects = Rejects(out_dir / REJECTS_FILE, fresh=True) if rejects is None else rejects
-    inputs = len(pairs) + rejects.count
-    by_video: dict[Path, list[dict]] = defaultdict(list)
-    for pair in pairs:
-        by_video[_video_path(videos_dir, pair)].append(pair)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sets: dict[str, ShardSet] = {}
+                   progress: bool = True, crop: bool = True, *, seed: int = 0,
+                   job_index: int = 0, num_jobs: int = 1, fps: float | None = None,
+                   jpeg_quality: int = 90, short_videos: str = "pad") -> dict | None:
+    """Write this job's shards; with one job (or when `merge`), also index.json. `rejects` may
+    already hold inputs rejected while reading the pairs. Returns the index, or None for a job
+    of an array (run `merge_parts` once all have finished)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    def decode(path: Path):
-        try:
-            return path, read_frames(path, num_frames, size, crop), None
-        except (VideoError, OSError) as exc:
-            return path, None, str(exc)
+    settings = FrameSettings(num_frames, size, crop, fps, jpeg_quality, short_videos)
+    read_rejects = rejects or Rejects(None, keep=True)
+    plan_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
+    plan = plan_shards(videos_dir, pairs, plan_rejects, videos_per_shard, seed)
+    parts = out_dir / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
+           "plan": {split: len(shards) for split, shards in plan.items()},
+           "inputs": len(pairs) + read_rejects.count,
+           "rejects": read_rejects.records + plan_rejects.records}
+    _write_json(parts / f"job-{job_index}-of-{num_jobs}.json", job)
+    mine = [(split, i, shard) for split, shards in plan.items() for i, shard in enumerate(shards)
+            if i % num_jobs == job_index and not (parts / f"{_shard_name(split, i)}.json").is_file()]
+    total = sum(len(shard) for _, _, shard in mine)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_quiet_worker) as pool, \
+            tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
+        paths = [str(videos_dir / rel) for _, _, shard in mine for rel, _ in shard]
+        results = pool.map(decode_video, paths, [settings] * len(paths), chunksize=1)
+        for split, i, shard in mine:
+            samples, shard_rejects, n_pairs = [], [], 0
+            for rel, group in shard:
+                record, jpegs, error = next(results)
+                bar.update(1)
+                if error is not None:
+                    shard_rejects += [{"source": p["_source"], "id": p.get("id"),
+                                       "reason": f"video {rel}: {error}"} for p in group]
+                    continue
+                kept = [{k: p[k] for k in PAIR_KEEP if k in p} for p in group]
+                doc = {"source": rel, "num_frames": len(jpegs), **record,
+                       "id": sample_key(rel), "pairs": kept}
+                samples.append((sample_key(rel), doc, jpegs))
+                n_pairs += len(kept)
+            name = _shard_name(split, i)
+            if samples:
+                write_shard(out_dir / name, samples)
+            # The record comes after the shard: a shard is counted only once it is whole.
+            _write_json(parts / f"{name}.json", {"file": name if samples else None,
+                                                "videos": len(samples), "pairs": n_pairs,
+                                                "rejects": shard_rejects})
+            for r in shard_rejects:
+                print(f"{read_rejects.prefix}: skipping {r['source']}: {r['reason']}",
+                      file=sys.stderr)
+    return merge_parts(out_dir) if num_jobs == 1 else None
 
-    videos = sorted(by_video, key=str)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        # Decoding runs ahead in threads (decord releases the GIL); writing stays in order.
-        for path, sampled, error in tqdm(pool.map(decode, videos), total=len(videos),
-                                         desc="prepare", disable=not progress):
-            group = by_video[path]
-            if error is not None:
-                for pair in group:
-                    rejects.add(pair["_source"], f"video {path}: {error}", id=pair["id"])
+
+def merge_parts(out_dir: Path) -> dict:
+    """index.json and rejects.jsonl from every job's records; refuses while a shard is
+    missing (naming the job to rerun)."""
+    parts = out_dir / PARTS
+    jobs = sorted(parts.glob("job-*-of-*.json"))
+    if not jobs:
+        raise SystemExit(f"safevid prepare --merge: no job records in {parts}")
+    job = json.loads(jobs[0].read_text())
+    num_jobs = int(jobs[0].stem.rsplit("-of-", 1)[1])
+    splits: dict[str, list[dict]] = {}
+    rejects = list(job["rejects"])
+    missing = []
+    for split, n in job["plan"].items():
+        splits[split] = []
+        for i in range(n):
+            record_path = parts / f"{_shard_name(split, i)}.json"
+            if not record_path.is_file():
+                missing.append(f"{_shard_name(split, i)} (job {i % num_jobs})")
                 continue
-            splits: dict[str, list[dict]] = defaultdict(list)
-            for pair in group:
-                splits[pair.get("split") or "train"].append({k: pair[k] for k in PAIR_KEEP if k in pair})
-            for split, split_pairs in splits.items():
-                if split not in sets:
-                    sets[split] = ShardSet(out_dir, split, videos_per_shard)
-                meta = {"source": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir)
-                        else str(path), "num_frames": num_frames}
-                sets[split].add(path.stem, sampled, meta, split_pairs)
-    frames = {"num_frames": num_frames, "size": size, "crop": crop, "format": "jpeg",
-              "sampler": "uniform-centre"}
-    index = write_index(out_dir, frames, {k: s.close() for k, s in sets.items()}, rejects.count, inputs)
-    assert index["totals"]["pairs"] + index["totals"]["rejected"] == inputs, "pairs lost"
+            record = json.loads(record_path.read_text())
+            rejects += record["rejects"]
+            if record["file"]:
+                splits[split].append({k: record[k] for k in ("file", "videos", "pairs")})
+    if missing:
+        raise SystemExit(f"safevid prepare --merge: shards not written yet: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}; rerun those jobs")
+    with open(out_dir / (REJECTS_FILE + ".tmp"), "w") as f:
+        for r in rejects:
+            f.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+    (out_dir / (REJECTS_FILE + ".tmp")).replace(out_dir / REJECTS_FILE)
+    s = job["settings"]
+    frames = {"num_frames": s["num_frames"], "size": s["size"], "crop": s["crop"],
+              "fps": s["fps"], "jpeg_quality": s["jpeg_quality"], "format": "jpeg",
+              "sampler": "fps" if s["fps"] else "uniform-centre", "seed": job["seed"]}
+    index = write_index(out_dir, frames, {k: v for k, v in splits.items() if v}, len(rejects),
+                        job["inputs"])
+    assert index["totals"]["pairs"] + index["totals"]["rejected"] == job["inputs"], "pairs lost"
     return index
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="safevid prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--videos", required=True, type=Path, help="directory of video files")
-    p.add_argument("--pairs", required=True, type=Path, help="pairs JSONL (video or video_id)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for shards")
-    p.add_argument("--format", default="jpeg", choices=["jpeg"], help="frame encoding")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled per video")
-    p.add_argument("--size", type=int, default=336, help="square frame size (crop)")
+    p.add_argument("--videos", type=Path, help="directory of videos")
+    p.add_argument("--pairs", type=Path,
+                   help="pairs: .jsonl, .json, .parquet, or a `datasets` directory (read as a stream)")
+    p.add_argument("--format", choices=FORMATS, default="safevid",
+                   help="the pairs' schema (see data_prep/pairs_io.py and docs/data_preparation.md)")
+    p.add_argument("--map", action="append", default=[], metavar="SRC=DST",
+                   help="read field SRC as our DST (id, video, video_id, prompt, chosen, rejected, "
+                        "category, ...); repeatable, applied over --format's mapping")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the shards")
+    p.add_argument("--frames", type=int, default=16, help="frames per video (the most, with --fps)")
+    p.add_argument("--fps", type=float, default=None, help="sample at this rate, up to --frames")
+    p.add_argument("--size", type=int, default=336, help="frame size: square crop, or shorter side")
     p.add_argument("--keep-aspect", action="store_true",
                    help="shorter side to --size without the square crop (Qwen2-VL family: it "
                         "takes frames at their aspect ratio; LLaVA crops them on load)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--short-videos", choices=("pad", "reject"), default="pad",
+                   help="a video with fewer frames than asked: repeat frames, or reject it")
     p.add_argument("--videos-per-shard", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--seed", type=int, default=0, help="the order videos are written in")
+    p.add_argument("--job-index", type=int, default=_env_int("SLURM_ARRAY_TASK_ID", 0),
+                   help="this job's index in an array (default SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-jobs", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
+                   help="jobs in the array (default SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--merge", action="store_true",
+                   help="only write index.json and rejects.jsonl from the jobs' records")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for flag, path in (("--videos", args.videos), ("--pairs", args.pairs)):
-        if not path.exists():
-            print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
+    if args.merge:
+        index = merge_parts(args.out)
+    else:
+        for flag, path in (("--videos", args.videos), ("--pairs", args.pairs)):
+            if path is None or not path.exists():
+                print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
+                return 2
+        if not 0 <= args.job_index < args.num_jobs:
+            print(f"safevid prepare: --job-index {args.job_index} is outside 0..{args.num_jobs - 1}",
+                  file=sys.stderr)
             return 2
-    rejects = Rejects(args.out / REJECTS_FILE, fresh=True, prefix="safevid prepare")
-    pairs = read_pairs(args.pairs, rejects)
-    index = prepare_shards(args.videos, pairs, args.out, args.frames, args.size,
-                           args.videos_per_shard, args.workers, rejects, crop=not args.keep_aspect)
+        rejects = Rejects(None, keep=True, prefix="safevid prepare")
+        try:
+            mapping = parse_map(args.map)
+            pairs = list(iter_pairs(args.pairs, rejects, args.format, mapping))
+        except ValueError as exc:
+            print(f"safevid prepare: {exc}", file=sys.stderr)
+            return 2
+        index = prepare_shards(
+            args.videos, pairs, args.out, args.frames, args.size, args.videos_per_shard,
+            args.workers, rejects, not args.no_progress, crop=not args.keep_aspect,
+            seed=args.seed, job_index=args.job_index, num_jobs=args.num_jobs, fps=args.fps,
+            jpeg_quality=args.jpeg_quality, short_videos=args.short_videos)
+        if index is None:
+            print(f"safevid prepare: job {args.job_index} of {args.num_jobs} done; once all are, "
+                  f"run: safevid prepare --merge --out {args.out}")
+            return 0
     t = index["totals"]
     print(f"{'inputs':>10} {'pairs':>8} {'videos':>8} {'rejected':>9}")
     print(f"{t['inputs']:>10} {t['pairs']:>8} {t['videos']:>8} {t['rejected']:>9}")
-    print(f"shards, index.json and {REJECTS_FILE} in {args.out}")
+    print(f"index: {args.out / INDEX_FILE}; rejects: {args.out / REJECTS_FILE}")
     return 0

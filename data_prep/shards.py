@@ -7,60 +7,61 @@ a video stored once serves all its pairs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from safevid.data_prep.frames import SampledFrames, encode_jpeg
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 PAIR_FIELDS = ("id", "prompt", "chosen", "rejected")
 
 
-@dataclass
-class ShardSet:
-    """Writes `<prefix>-NNNNNN.tar` files of at most `videos_per_shard` samples each."""
+def sidecar_path(shard: Path | str) -> Path:
+    """`train-000000.tar` -> `train-000000.idx.json` (not matched by a `*.tar` pattern)."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + ".idx.json")
 
-    out_dir: Path
-    prefix: str
-    videos_per_shard: int = 64
-    jpeg_quality: int = 90
-    shards: list[dict] = field(default_factory=list)
-    _writer: object = None
 
-    def add(self, video_id: str, sampled: SampledFrames, meta: dict, pairs: list[dict]) -> None:
-        import webdataset as wds
+def member_index(path: Path, pairs: dict[str, int] | None = None) -> dict:
+    """Where each sample's members are in a tar: {key: {"json": [offset, size], "jpg":
+    [[offset, size], ...], "pairs": n}} from the tar's headers alone (`pairs` from the caller,
+    who knows the documents). This is what lets a reader fetch one sample with two seeks."""
+    import tarfile
 
-        if self._writer is None or self.shards[-1]["videos"] >= self.videos_per_shard:
-            self._close_current()
-            name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = wds.TarWriter(str(self.out_dir / name))
-            self.shards.append({"file": name, "videos": 0, "pairs": 0})
-        doc = {
-            **meta,
-            "id": video_id,
-            "fps": sampled.fps,
-            "total_frames": sampled.total_frames,
-            "frame_indices": sampled.indices,
-            "timestamps": sampled.timestamps,
-            "pairs": pairs,
-        }
-        sample = {"__key__": video_id, "json": json.dumps(doc).encode()}
-        for i, frame in enumerate(sampled.frames):
-            sample[f"{i:03d}.jpg"] = encode_jpeg(frame, self.jpeg_quality)
-        self._writer.write(sample)
-        self.shards[-1]["videos"] += 1
-        self.shards[-1]["pairs"] += len(pairs)
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            entry = samples.setdefault(key, {"json": None, "jpg": []})
+            if ext == "json":
+                entry["json"] = [m.offset_data, m.size]
+            elif ext.endswith("jpg"):
+                entry["jpg"].append([m.offset_data, m.size])
+    for key, entry in samples.items():
+        entry["pairs"] = (pairs or {}).get(key)
+    return samples
 
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
-    def close(self) -> list[dict]:
-        self._close_current()
-        return self.shards
+def write_shard(path: Path, samples: list[tuple[str, dict, list[bytes]]]) -> None:
+    """One tar of samples (key, JSON document, JPEG frames) and its member index, written
+    beside and renamed into place: a file with the shard's name is always whole. Fixed member
+    times, so the same inputs and settings give the same bytes."""
+    import webdataset as wds
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0)
+        for key, doc, jpegs in samples:
+            sample = {"__key__": key, "json": json.dumps(doc).encode()}
+            for i, data in enumerate(jpegs):
+                sample[f"{i:03d}.jpg"] = data
+            writer.write(sample)
+        writer.close()
+    index = member_index(tmp, {key: len(doc["pairs"]) for key, doc, _ in samples})
+    side = sidecar_path(path)
+    side.with_name(side.name + ".tmp").write_text(json.dumps(index))
+    side.with_name(side.name + ".tmp").replace(side)
+    tmp.replace(path)
 
 
 def write_index(out_dir: Path, frames: dict, splits: dict[str, list[dict]], rejects: int,

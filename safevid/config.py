@@ -35,6 +35,13 @@ class ModelConfig:
 
 
 @dataclass
+class MixEntry:
+    shards: str  # brace patterns and globs, like data.shards
+    weight: float = 1.0  # share of each step's pairs
+    name: str = ""  # reported as pairs/<name> in metrics.jsonl (default: mix<i>)
+
+
+@dataclass
 class DataConfig:
     # Brace patterns and globs, comma-separated: "data/train-{000000..000031}.tar".
     shards: str = "${demo.assets_dir}/shards/train-*.tar"
@@ -49,7 +56,14 @@ class DataConfig:
     # (without EOS); a pair whose prompt leaves no room is rejected with its lengths.
     max_length: int = 0
     max_prompt_length: int = 0  # 0: no limit of its own
-    shuffle_buffer: int = 512
+    # indexed: a global seeded order from the shards' indexes, each rank reading only its own
+    # samples (random access). stream: the sequential WebDataset stream with a shuffle buffer.
+    loader: str = "indexed"
+    groups: int = 0  # indexed: parts of the permutation each step draws from (0: pairs_per_step)
+    # Weighted shard sets instead of data.shards (indexed loader), e.g.
+    # [{shards: "safety/train-*.tar", weight: 3}, {shards: "general/train-*.tar", weight: 1}]
+    mix: list[MixEntry] = field(default_factory=list)
+    shuffle_buffer: int = 512  # stream loader
     decode_threads: int = 2
     eval_max_pairs: int = 512
 
@@ -167,6 +181,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length >= 0, "data.max_length", "must be >= 0"),
         (cfg.data.max_prompt_length >= 0, "data.max_prompt_length", "must be >= 0"),
         (cfg.data.max_answer_tokens > 0, "data.max_answer_tokens", "must be > 0"),
+        (cfg.data.loader in ("indexed", "stream"), "data.loader", "must be indexed or stream"),
+        (cfg.data.groups >= 0, "data.groups", "must be >= 0"),
+        (not cfg.data.mix or cfg.data.loader == "indexed", "data.mix",
+         "needs data.loader=indexed"),
+        (all(m.weight > 0 for m in cfg.data.mix), "data.mix", "weights must be > 0"),
         (cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype",
          "must be auto, bf16, fp16 or fp32"),
         (cfg.data.max_tokens_per_row > 0, "data.max_tokens_per_row", "must be > 0"),

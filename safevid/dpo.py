@@ -114,8 +114,11 @@ def pair_losses(loss_cfg, logps: torch.Tensor, lengths: torch.Tensor,
     )
 
 
-def step_pairs(stream: PairStream, pairs_per_step: int, rank: int, world: int) -> list[Pair]:
-    """This rank's contiguous share of the step's pairs; every rank reads the whole step."""
+def step_pairs(stream, pairs_per_step: int, rank: int, world: int) -> list[Pair]:
+    """This rank's contiguous share of the step's pairs. The indexed loader reads only that
+    share; the sequential stream reads the whole step on every rank."""
+    if hasattr(stream, "step_pairs"):
+        return stream.step_pairs(rank, world)
     pairs = stream.take(pairs_per_step)
     share = pairs_per_step // world
     return pairs[rank * share:(rank + 1) * share]

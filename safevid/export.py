@@ -34,18 +34,26 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
                    "processor_config.json", "chat_template.json", "chat_template.jinja")
 
 
-def copy_processor_files(source: str, out_dir: Path) -> None:
+def copy_processor_files(source: str, out_dir: Path, family) -> None:
     """The source checkpoint's processor files, so the export preprocesses frames as training
-    did. A hub checkpoint's come from the local hub cache that loading it filled."""
+    did. A hub checkpoint's come from the local hub cache, if loading it put them there; where
+    there are none, the family writes the settings it trained with."""
     src = Path(source)
     if not src.is_dir():
         from huggingface_hub import snapshot_download
 
-        src = Path(snapshot_download(source, allow_patterns=list(PROCESSOR_FILES),
-                                     local_files_only=True))
+        try:
+            src = Path(snapshot_download(source, allow_patterns=list(PROCESSOR_FILES),
+                                         local_files_only=True))
+        except Exception:  # noqa: BLE001  not in the cache: nothing to copy
+            src = out_dir / ".none"
+    copied = False
     for name in PROCESSOR_FILES:
         if (src / name).is_file() and not (out_dir / name).exists():
             shutil.copyfile(src / name, out_dir / name)
+            copied = True
+    if not copied:
+        family.save_preprocessor(out_dir)
 
 
 def export_hf(loaded, out_dir: Path, rank: int, source: str) -> None:
@@ -59,6 +67,6 @@ def export_hf(loaded, out_dir: Path, rank: int, source: str) -> None:
     tmp.mkdir(parents=True)
     hf.save_pretrained(str(tmp), state_dict=state)
     loaded.tokenizer.save_pretrained(str(tmp))
-    copy_processor_files(source, tmp)
+    copy_processor_files(source, tmp, loaded.family)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)

@@ -99,6 +99,7 @@ def train(cfg) -> int:
 
     from safevid import checkpoint, distributed
     from safevid.data.collate import batch_inputs
+    from safevid.data.indexed import IndexedStream
     from safevid.data.stream import PairStream, expand_shards
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
@@ -122,7 +123,10 @@ def train(cfg) -> int:
     # ---- config, process group, output directory -------------------------------------------
     if cfg.demo.build:
         ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
-    train_urls = expand_shards(cfg.data.shards, "data.shards")
+    mix = [(m.name or f"mix{i}", expand_shards(m.shards, f"data.mix[{i}].shards"), m.weight)
+           for i, m in enumerate(cfg.data.mix)]
+    train_urls = ([u for _, urls, _ in mix for u in urls] if mix
+                  else expand_shards(cfg.data.shards, "data.shards"))
     eval_urls = expand_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
     stop = StopRequest()  # before the process group: a signal during start-up is kept too
     rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
@@ -214,7 +218,11 @@ def train(cfg) -> int:
     if rank == 0 and resume:
         print(f"safevid: resuming from step {start_step} ({resume.path})", file=sys.stderr)
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
-    stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
+    if cfg.data.loader == "indexed":
+        stream = IndexedStream(mix or [("train", train_urls, 1.0)], cfg.train.seed,
+                               cfg.train.pairs_per_step, cfg.data.groups, rejects, position)
+    else:
+        stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
     # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
     # Tokenization, length rules and collation happen in the prefetch thread too: a pair that
     # cannot be used is known (and weighs 0) before the step counts its usable pairs.
@@ -269,6 +277,8 @@ def train(cfg) -> int:
         record = reduce_step_metrics(sums, valid, device)
         elapsed = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
+        if cfg.data.mix:
+            record.update({f"pairs/{k}": v for k, v in stream.step_sources(step - 1).items()})
         record.update(
             step=step, lr=lr, pairs=valid,
             grad_norm=float(grad_norm) if grad_norm is not None else None,

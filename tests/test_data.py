@@ -46,7 +46,7 @@ def test_prepare_counts_and_rejects_bad_inputs(tmp_path, capsys):
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     reasons = " ".join(r["reason"] for r in rejects)
     assert "broken.mp4" in reasons and "missing.mp4" in reasons
-    assert "missing fields" in reasons and "invalid JSON" in reasons
+    assert "empty fields: chosen" in reasons and "invalid JSON" in reasons
     assert all(r["source"].startswith(str(pairs)) for r in rejects)
     # A video is stored once with all its pairs; frames are JPEGs of the requested size.
     pairs_read = read_all_pairs(expand_shards(str(out / "train-*.tar")), 100)

@@ -10,6 +10,7 @@ unless NPROC_PER_NODE asks for CPU processes; the DeepSpeed hostfile for the job
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -94,3 +95,35 @@ def test_job_without_gpus_is_refused_and_hostfile_lists_the_nodes(cluster, tmp_p
                           f"--write-hostfile {hostfile}"], cwd=REPO, extra_env=_job_env())
     assert cluster.wait(job, timeout=300) == "COMPLETED", _log(log)
     assert hostfile.read_text() == "".join(f"{n} slots=1\n" for n in cluster.node_names)
+
+
+def test_prepare_job_array_merges_once_every_task_is_done(cluster, tmp_path):
+    """`sbatch --array=0-1 slurm/prepare_shards.sh ...`: each task writes its own shards, the
+    first queues the merge behind the array, and the result is the single-job result."""
+    from safevid.data_prep.prepare import main as prepare_main
+
+    from tests.test_prepare import _many, _members, _pairs_file
+
+    videos, rows = _many(tmp_path, n=5)
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", rows)
+    args = ["--videos", str(videos), "--pairs", str(pairs), "--frames", "4", "--size", "32",
+            "--videos-per-shard", "1", "--no-progress"]
+    single, array = tmp_path / "single", tmp_path / "array"
+    assert prepare_main([*args, "--out", str(single), "--workers", "1"]) == 0
+    log = tmp_path / "prepare-%a.log"
+    cluster.sbatch(["--array=0-1", *CPU_JOB, f"--output={log}", f"--error={log}",
+                    "slurm/prepare_shards.sh", *args, "--out", str(array)],
+                   cwd=REPO, extra_env=_job_env())
+    deadline = time.monotonic() + 300
+    while not (array / "index.json").is_file():
+        logs = "".join(_log(p) for p in sorted(tmp_path.glob("*.log")))
+        assert time.monotonic() < deadline, f"no merge in time:\n{logs[-3000:]}\n{cluster.log()}"
+        time.sleep(0.25)
+    assert _members(array) == _members(single)
+    assert json.loads((array / "index.json").read_text())["totals"] == \
+        json.loads((single / "index.json").read_text())["totals"]
+    assert list(array.glob("slurm-prepare-merge-*.out"))  # the merge's log beside the shards
+    assert not list(REPO.glob("slurm-*prepare*.out"))
+    # Task 0 did shards 0, 2, 4 and task 1 shards 1, 3, each recorded by its task.
+    assert sorted(p.name for p in (array / ".parts").glob("job-*.json")) == \
+        ["job-0-of-2.json", "job-1-of-2.json"]

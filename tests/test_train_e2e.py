@@ -149,14 +149,15 @@ def test_step_one_grad_norm_is_that_of_the_mean_loss(short_w1):
     import yaml
 
     from safevid.data.collate import batch_inputs
-    from safevid.data.stream import PairStream, expand_shards
+    from safevid.data.indexed import IndexedStream
+    from safevid.data.stream import expand_shards
     from safevid.dpo import Batcher
     from safevid.models.dpo_model import freeze, load
 
     cfg = yaml.safe_load((short_w1 / "config.yaml").read_text())  # as resolved by the run
     data, train = cfg["data"], cfg["train"]
-    pairs = PairStream(expand_shards(data["shards"]), train["seed"],
-                       data["shuffle_buffer"]).take(train["pairs_per_step"])
+    pairs = IndexedStream([("train", expand_shards(data["shards"]), 1.0)], train["seed"],
+                          train["pairs_per_step"], data["groups"]).step_pairs(0, 1)
     m = load(cfg["model"]["name_or_path"], torch.float32, fused=False)
     freeze(m, cfg["model"]["freeze_vision"], cfg["model"]["freeze_projector"])
     m.model.train()
@@ -306,7 +307,7 @@ def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path)
     import io
     import tarfile
 
-    from safevid.data.stream import PairStream
+    from safevid.data.indexed import IndexedStream
 
     good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
     bad = tmp_path / "corrupt-000000.tar"
@@ -324,14 +325,14 @@ def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path)
     # seed and step count are chosen so that step 1 holds a corrupt pair, and so that the
     # second epoch meets one again; both are asserted, since the checks below rely on them.
     steps, seed, shards = 6, 0, [str(good), str(bad)]
-    order = [p.id for p in PairStream(shards, seed, 1000).take(16 * steps)]
-    corrupt = [sum(i.startswith("corrupt-") for i in order[16 * k:16 * (k + 1)])
-               for k in range(steps)]
+    stream = IndexedStream([("train", shards, 1.0)], seed, 16, 0)
+    corrupt = [sum(p.id.startswith("corrupt-") for p in stream.step_pairs(0, 1))
+               for _ in range(steps)]
     assert corrupt[0] >= 1 and sum(corrupt) > 4, corrupt
     out = tmp_path / "run"
     run_train(out, demo_assets, world=1, extra=(
         *SHORT, f"train.max_steps={steps}", f"train.seed={seed}", "train.export_hf=false",
-        f"data.shards={','.join(shards)}", "data.shuffle_buffer=1000"))
+        f"data.shards={','.join(shards)}"))
     rows = _rows(out)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     # Each corrupt pair is reported once, by name, however many epochs meet it again.

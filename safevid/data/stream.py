@@ -80,6 +80,7 @@ class Pair:
     query_type: str = ""
     valid: bool = True  # False when its frames or text cannot be used: weight 0 in the loss
     encoded: object = None  # its token ids (collate.EncodedPair), made once, off the train thread
+    source: str = ""  # the data.mix source it came from
 
 
 def expand_shards(spec: str, key: str = "data.shards") -> list[str]:

@@ -57,6 +57,10 @@ class Family:
         video's placeholders included."""
         raise NotImplementedError
 
+    def save_preprocessor(self, out_dir: Path) -> None:
+        """Write the frame settings this object uses as the checkpoint's processor config (for
+        an export whose source had none to copy)."""
+
     def context_window(self) -> int:
         """The longest sequence the model takes (its max_position_embeddings)."""
         raise NotImplementedError

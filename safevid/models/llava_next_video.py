@@ -39,6 +39,9 @@ class LlavaNextVideoFamily(Family):
     def positions(self, ids: list[int], video: VideoInput) -> torch.Tensor:
         return torch.arange(len(ids)).unsqueeze(0)
 
+    def save_preprocessor(self, out_dir: Path) -> None:
+        self.spec.save(out_dir)
+
     def context_window(self) -> int:
         return self.max_positions
 

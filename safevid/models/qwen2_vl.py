@@ -189,6 +189,15 @@ class Qwen2VLFamily(Family):
     def _time_interval(self, video: VideoInput) -> float | torch.Tensor:
         return 1.0
 
+    def save_preprocessor(self, out_dir: Path) -> None:
+        cfg = {"patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+               "merge_size": self.merge_size, "min_pixels": self.min_pixels,
+               "max_pixels": self.max_pixels, "image_mean": list(self.mean),
+               "image_std": list(self.std), "do_resize": True, "do_rescale": True,
+               "do_normalize": True, "rescale_factor": 1 / 255,
+               "video_processor_type": "Qwen2VLVideoProcessor"}
+        (Path(out_dir) / "video_preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
     def context_window(self) -> int:
         return self.max_positions
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Shard preparation on a Slurm job array:
+#   sbatch --array=0-31 slurm/prepare_shards.sh --videos /data/videos --pairs /data/pairs.jsonl \
+#          --out /data/safevid --frames 16 --size 336 [--keep-aspect] [--fps 2]
+# Each array task writes the shards i with i % 32 == its index (SLURM_ARRAY_TASK_ID of
+# SLURM_ARRAY_TASK_COUNT), decoding with --workers processes (default: the task's CPUs). The
+# first task submits the merge, which runs once every task has succeeded
+# (--dependency=afterok) and writes index.json and rejects.jsonl. A failed or preempted task is
+# simply run again (`sbatch --array=7 ...`): it skips its finished shards; then run the merge:
+#   sbatch slurm/prepare_shards.sh --merge --out /data/safevid
+# Without Slurm, `bash slurm/prepare_shards.sh --videos ... --out ...` is one job, merged at the end.
+#
+#SBATCH --job-name=safevid-prepare
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=16
+#SBATCH --time=12:00:00
+#SBATCH --output=slurm-%x-%A_%a.out
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
+elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+else py=python3; fi
+
+workers=()
+if [[ " $* " != *" --workers "* ]]; then workers=(--workers "${SLURM_CPUS_PER_TASK:-2}"); fi
+"$py" -m safevid prepare "${workers[@]}" "$@"
+
+# The first task of an array queues the merge behind the whole array; its log goes beside
+# the shards.
+if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [[ " $* " != *" --merge "* ]] \
+    && [ "${SLURM_ARRAY_TASK_ID:-}" = "${SLURM_ARRAY_TASK_MIN:-0}" ]; then
+  out=.
+  args=("$@")
+  for ((i = 0; i < ${#args[@]} - 1; i++)); do
+    if [ "${args[i]}" = --out ]; then out=${args[i + 1]}; fi
+  done
+  sbatch --dependency="afterok:${SLURM_ARRAY_JOB_ID}" --job-name=safevid-prepare-merge \
+    --cpus-per-task=1 --output="$out/slurm-prepare-merge-%j.out" "$0" --merge "$@"
+fi

@@ -1,0 +1,164 @@
+"""`safevid prepare` at scale: real H.264 files written by PyAV whose frames encode their own
+index, hostile file names, every bad-input kind, the seeded order, job arrays and resume."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safevid.data_prep.keys import sample_key
+from safevid.data_prep.prepare import main as prepare_main
+from safevid.data_prep.synthetic import write_video
+
+from safevid.data.stream import expand_shards, read_all_pairs
+
+FPS = 8
+
+
+def _indexed_video(path: Path, frames: int = 24, width: int = 64, height: int = 48) -> Path:
+    """Frame i is a flat grey of level 8 * i: the decoded level says which frame it was."""
+    levels = (np.arange(frames) * 8).astype(np.uint8)
+    data = np.broadcast_to(levels[:, None, None, None], (frames, height, width, 3)).copy()
+    return write_video(data, path, fps=FPS)
+
+
+def _frame_index(jpeg: bytes) -> int:
+    from safevid.data_prep.frames import decode_jpeg
+
+    return round(float(decode_jpeg(jpeg).mean()) / 8)
+
+
+def _pairs_file(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _pair(i, video, **kw) -> dict:
+    return {"id": f"p{i}", "video": video, "prompt": f"What happens in scene {i}?",
+            "chosen": "A safe answer.", "rejected": "An unsafe answer.", **kw}
+
+
+def _run(tmp_path, videos, rows, *extra, out="shards") -> tuple[int, Path]:
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", rows)
+    out_dir = tmp_path / out
+    rc = prepare_main(["--videos", str(videos), "--pairs", str(pairs), "--out", str(out_dir),
+                       "--frames", "4", "--size", "32", "--videos-per-shard", "2", "--workers", "2",
+                       "--no-progress", *extra])
+    return rc, out_dir
+
+
+def _members(out_dir: Path) -> dict[str, bytes]:
+    found = {}
+    for shard in sorted(out_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                found[f"{shard.name}/{m.name}"] = tar.extractfile(m).read()
+    return found
+
+
+def test_sampling_hostile_names_and_every_bad_input(tmp_path):
+    videos = tmp_path / "videos"
+    names = ["clip.v2.mp4", "a/x.mp4", "b/x.mp4", "vidéo ünïcode.mp4", "plain.mp4"]
+    for name in names:
+        _indexed_video(videos / name)
+    _indexed_video(videos / "short.mp4", frames=2)
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.mp4").write_text("this is not a video\n")
+    good = (videos / "plain.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    rows = [_pair(i, name) for i, name in enumerate(names)]
+    rows += [_pair(10, "empty.mp4"), _pair(11, "text.mp4"), _pair(12, "truncated.mp4"),
+             _pair(13, "missing.mp4"), _pair(14, "../outside.mp4"), _pair(15, "/etc/passwd"),
+             _pair(16, "short.mp4"), "{not json", {"id": "p17", "video": "plain.mp4"}]
+    rc, out = _run(tmp_path, videos, rows, "--short-videos", "reject")
+    assert rc == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["totals"] == {"videos": 5, "pairs": 5, "rejected": 9, "inputs": 14}
+    reasons = {r.get("id", r["source"]): r["reason"]
+               for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert "empty file" in reasons["p10"]
+    assert "cannot decode" in reasons["p11"] and "cannot decode" in reasons["p12"]
+    assert reasons["p13"].endswith("not found")
+    assert "contains '..'" in reasons["p14"] and "is absolute" in reasons["p15"]
+    assert "only 2 decodable frames, 4 asked" in reasons["p16"]
+    assert any("invalid JSON" in r for r in reasons.values())
+    assert "missing fields" in reasons["p17"]
+    # Every name trains: keys are safe and distinct, and the stream reads every pair.
+    pairs = read_all_pairs(expand_shards(str(out / "train-*.tar")), 100)
+    assert sorted(p.id for p in pairs) == [f"p{i}" for i in range(5)]
+    keys = {p.video.key for p in pairs}
+    assert keys == {sample_key(n) for n in names} and len(keys) == 5
+    assert all("." not in k for k in keys)
+    # Uniform sampling, segment centres of 24 frames: 3, 9, 15, 21.
+    for p in pairs:
+        assert [_frame_index(j) for j in p.video.jpegs] == [3, 9, 15, 21]
+        assert p.video.meta["frame_indices"] == [3, 9, 15, 21]
+        assert p.video.meta["timestamps"] == [i / FPS for i in (3, 9, 15, 21)]
+
+
+def test_fps_sampling_and_aspect(tmp_path):
+    videos = tmp_path / "videos"
+    _indexed_video(videos / "v.mp4", frames=24)  # 3 s at 8 fps
+    rc, out = _run(tmp_path, videos, [_pair(0, "v.mp4")], "--fps", "2", "--frames", "16",
+                   "--keep-aspect")
+    assert rc == 0
+    (pair,) = read_all_pairs(expand_shards(str(out / "train-*.tar")), 10)
+    # 2 fps over 3 s: 6 frames at the centres of half-second intervals; shorter side 32.
+    assert pair.video.meta["frame_indices"] == [2, 6, 10, 14, 18, 22]
+    assert [_frame_index(j) for j in pair.video.jpegs] == [2, 6, 10, 14, 18, 22]
+    assert pair.video.frames().shape == (6, 32, 43, 3)
+
+
+def _many(tmp_path, n=9) -> tuple[Path, list[dict]]:
+    videos = tmp_path / "videos"
+    rows = []
+    for i in range(n):
+        # Sorted by category on disk: a path-ordered writer would fill shards by category.
+        name = f"{'cat_a' if i < n // 2 else 'cat_b'}/v{i}.mp4"
+        _indexed_video(videos / name, frames=8)
+        rows += [_pair(2 * i, name), _pair(2 * i + 1, name)]
+    return videos, rows
+
+
+def test_seeded_order_job_array_merge_and_resume(tmp_path):
+    videos, rows = _many(tmp_path)
+    rc, single = _run(tmp_path, videos, rows, out="single")
+    assert rc == 0
+    mixed = [len({p.video.meta["source"].split("/")[0] for p in read_all_pairs([str(t)], 100)})
+             for t in sorted(single.glob("train-*.tar"))]
+    assert max(mixed) == 2  # a shard holds both categories
+    order = [json.loads(m)["source"] for name, m in _members(single).items()
+             if name.endswith(".json")]
+    assert order != sorted(order)  # seeded, not path order
+    # The same inputs and settings: the same bytes.
+    assert _run(tmp_path, videos, rows, out="again")[0] == 0
+    assert _members(tmp_path / "again") == _members(single)
+
+    # A job array of 3: each job its own shards, then the merge; job 1 runs last.
+    for job in (0, 2):
+        assert _run(tmp_path, videos, rows, "--job-index", str(job), "--num-jobs", "3",
+                    out="array")[0] == 0
+    array = tmp_path / "array"
+    with pytest.raises(SystemExit, match=r"train-000001.tar \(job 1\)"):
+        prepare_main(["--merge", "--out", str(array)])
+    assert not (array / "index.json").exists()
+    assert _run(tmp_path, videos, rows, "--job-index", "1", "--num-jobs", "3", out="array")[0] == 0
+    assert prepare_main(["--merge", "--out", str(array)]) == 0
+    assert _members(array) == _members(single)
+    assert json.loads((array / "index.json").read_text())["totals"] == \
+        json.loads((single / "index.json").read_text())["totals"]
+
+    # Resume: a rerun skips recorded shards; a shard without its record (a crash before the
+    # record) is written again, and a leftover .tmp is never counted.
+    stamp = {p.name: p.stat().st_mtime_ns for p in array.glob("*.tar")}
+    (array / ".parts" / "train-000002.tar.json").unlink()
+    (array / "train-000003.tar.tmp").write_bytes(b"half a shard")
+    assert _run(tmp_path, videos, rows, "--job-index", "2", "--num-jobs", "3", out="array")[0] == 0
+    after = {p.name: p.stat().st_mtime_ns for p in array.glob("*.tar")}
+    assert after["train-000000.tar"] == stamp["train-000000.tar"]
+    assert after["train-000002.tar"] != stamp["train-000002.tar"]
+    assert prepare_main(["--merge", "--out", str(array)]) == 0
+    assert _members(array) == _members(single)
