@@ -20,7 +20,7 @@ from safevid.data.collate import (
     collate,
     encode_pair,
 )
-from safevid.data.stream import Pair, PairStream, Video, read_decodable_pairs
+from safevid.data.stream import Pair, Video, read_decodable_pairs
 from safevid.data_prep.rejects import Rejects
 from safevid.losses import preference_loss, reward_metrics
 from safevid.models.dpo_model import LoadedModel
@@ -134,7 +134,7 @@ class StepPrefetcher:
     trained steps end, not how far the prefetching has read.
     """
 
-    def __init__(self, stream: PairStream, pairs_per_step: int, rank: int, world: int,
+    def __init__(self, stream, pairs_per_step: int, rank: int, world: int,
                  decode_threads: int, rejects: Rejects, steps: int, batcher: Batcher,
                  micro_batch_pairs: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +165,8 @@ class StepPrefetcher:
         # A pair whose frames do not decode, or whose text cannot be encoded or fit, keeps its
         # slot (every rank runs the same number of forwards) but is rejected and weighs nothing.
         for pair in pairs:
+            if not pair.valid:  # the loader already rejected it (an unreadable sample)
+                continue
             error = errors[id(pair.video)] or self.batcher.encode(pair)
             if error is not None:
                 pair.valid = False

@@ -219,8 +219,10 @@ def train(cfg) -> int:
         print(f"safevid: resuming from step {start_step} ({resume.path})", file=sys.stderr)
     rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
     if cfg.data.loader == "indexed":
+        # Each rank reads (and so rejects) only its own samples: every rank appends to the file.
         stream = IndexedStream(mix or [("train", train_urls, 1.0)], cfg.train.seed,
-                               cfg.train.pairs_per_step, cfg.data.groups, rejects, position)
+                               cfg.train.pairs_per_step, cfg.data.groups,
+                               Rejects(out / "rejects.jsonl"), position)
     else:
         stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
     # Every rank appends its own decode failures (short O_APPEND writes do not interleave).

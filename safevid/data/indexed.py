@@ -196,7 +196,7 @@ class IndexedStream:
                         if len(data) != size:
                             raise ValueError("truncated frame member")
                         jpegs.append(data)
-                if not jpegs or not isinstance(meta.get("pairs"), list):
+                if not jpegs or not isinstance(meta, dict) or not isinstance(meta.get("pairs"), list):
                     raise ValueError("sample has no frames or no 'pairs' list")
                 self._videos[key] = Video(ref.key, meta, jpegs)
             except (OSError, ValueError) as exc:
