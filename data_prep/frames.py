@@ -46,11 +46,14 @@ def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def resize_shorter_side(frame: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to `size`, aspect ratio kept (for families that take any aspect, Qwen2-VL)."""
+def resize_shorter_side(frame: np.ndarray, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Shorter side to `size`, aspect ratio kept (for families that take any aspect, Qwen2-VL),
+    then smaller still if the frame would hold more than `max_pixels` (a very wide video)."""
     img = Image.fromarray(frame)
     w, h = img.size
     scale = size / min(w, h)
+    if max_pixels and w * h * scale * scale > max_pixels:
+        scale = (max_pixels / (w * h)) ** 0.5
     return np.asarray(img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC))
 
 
@@ -66,10 +69,11 @@ def fps_indices(total_frames: int, source_fps: float, fps: float, max_frames: in
 
 
 def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = None,
-                crop: bool = True, fps: float | None = None) -> SampledFrames:
+                crop: bool = True, fps: float | None = None,
+                max_pixels: int | None = None) -> SampledFrames:
     """Decode `num_frames` uniformly sampled RGB frames from a file path or encoded bytes (with
     `fps`: frames at that rate, at most `num_frames`); with `size`, shorter side to it and (with
-    `crop`) a central square crop."""
+    `crop`) a central square crop, else at most `max_pixels` per frame."""
     import decord
 
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -88,8 +92,8 @@ def read_frames(source: str | Path | bytes, num_frames: int, size: int | None = 
     except Exception as exc:  # decord raises bare DECORDError/RuntimeError on corrupt input
         raise VideoError(f"{name}: cannot decode video ({type(exc).__name__}: {exc})") from exc
     if size is not None:
-        resize = resize_center_crop if crop else resize_shorter_side
-        frames = np.stack([resize(f, size) for f in frames])
+        frames = np.stack([resize_center_crop(f, size) if crop
+                           else resize_shorter_side(f, size, max_pixels) for f in frames])
     timestamps = [round(i / fps_src, 3) if fps_src > 0 else 0.0 for i in indices]
     return SampledFrames(frames, indices, timestamps, fps_src, total)
 

@@ -47,6 +47,7 @@ class FrameSettings:
     fps: float | None = None  # sample at this rate instead of uniformly
     jpeg_quality: int = 90
     short_videos: str = "pad"  # fewer decodable frames than asked: "pad" (repeat) or "reject"
+    max_pixels: int | None = None  # with crop off: the most pixels a frame keeps
 
 
 def _video_relpath(videos_dir: Path, pair: dict) -> str:
@@ -74,7 +75,8 @@ def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[
     if Path(path).stat().st_size == 0:
         return None, None, "empty file (0 bytes)"
     try:
-        sampled = read_frames(path, settings.num_frames, settings.size, settings.crop, settings.fps)
+        sampled = read_frames(path, settings.num_frames, settings.size, settings.crop, settings.fps,
+                              settings.max_pixels)
     except (VideoError, OSError) as exc:
         return None, None, str(exc)
     distinct = len(set(sampled.indices))
@@ -121,14 +123,15 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
                    videos_per_shard: int = 64, workers: int = 2, rejects: Rejects | None = None,
                    progress: bool = True, crop: bool = True, *, seed: int = 0,
                    job_index: int = 0, num_jobs: int = 1, fps: float | None = None,
-                   jpeg_quality: int = 90, short_videos: str = "pad") -> dict | None:
+                   jpeg_quality: int = 90, short_videos: str = "pad",
+                   max_pixels: int | None = None) -> dict | None:
     """Write this job's shards; with one job (or when `merge`), also index.json. `rejects` may
     already hold inputs rejected while reading the pairs. Returns the index, or None for a job
     of an array (run `merge_parts` once all have finished)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    settings = FrameSettings(num_frames, size, crop, fps, jpeg_quality, short_videos)
+    settings = FrameSettings(num_frames, size, crop, fps, jpeg_quality, short_videos, max_pixels)
     read_rejects = rejects or Rejects(None, keep=True)
     plan_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
     plan = plan_shards(videos_dir, pairs, plan_rejects, videos_per_shard, seed)
@@ -206,6 +209,7 @@ def merge_parts(out_dir: Path) -> dict:
     (out_dir / (REJECTS_FILE + ".tmp")).replace(out_dir / REJECTS_FILE)
     s = job["settings"]
     frames = {"num_frames": s["num_frames"], "size": s["size"], "crop": s["crop"],
+              "max_pixels": s.get("max_pixels"),
               "fps": s["fps"], "jpeg_quality": s["jpeg_quality"], "format": "jpeg",
               "sampler": "fps" if s["fps"] else "uniform-centre", "seed": job["seed"]}
     index = write_index(out_dir, frames, {k: v for k, v in splits.items() if v}, len(rejects),
@@ -236,6 +240,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-aspect", action="store_true",
                    help="shorter side to --size without the square crop (Qwen2-VL family: it "
                         "takes frames at their aspect ratio; LLaVA crops them on load)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="with --keep-aspect: the most pixels a frame keeps (a pixel budget for "
+                        "very wide videos)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--short-videos", choices=("pad", "reject"), default="pad",
                    help="a video with fewer frames than asked: repeat frames, or reject it")
@@ -272,7 +279,8 @@ def main(argv: list[str]) -> int:
             args.videos, pairs, args.out, args.frames, args.size, args.videos_per_shard,
             args.workers, rejects, not args.no_progress, crop=not args.keep_aspect,
             seed=args.seed, job_index=args.job_index, num_jobs=args.num_jobs, fps=args.fps,
-            jpeg_quality=args.jpeg_quality, short_videos=args.short_videos)
+            jpeg_quality=args.jpeg_quality, short_videos=args.short_videos,
+            max_pixels=args.max_pixels)
         if index is None:
             print(f"safevid prepare: job {args.job_index} of {args.num_jobs} done; once all are, "
                   f"run: safevid prepare --merge --out {args.out}")

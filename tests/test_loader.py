@@ -124,3 +124,18 @@ def test_a_truncated_shard_rejects_its_samples_by_name_and_keeps_their_slots(dem
     assert len(bad) == sum(p.video.key == last.key for p in pairs)
     assert [r["source"] for r in rejects.records] == [f"{cut}:{last.key}"]
     assert "truncated" in rejects.records[0]["reason"]
+
+
+def test_mixture_of_shard_sets_reports_pairs_per_source(demo_assets):
+    shards = demo_assets / "shards"
+    a = expand_shards(str(shards / "train-000000.tar"))
+    b = expand_shards(f"{shards}/train-00000{{1,2}}.tar,{shards}/train-000003.tar")
+    assert len(b) == 3  # commas inside braces belong to the pattern
+    stream = IndexedStream([("safety", a, 3.0), ("general", b, 1.0)], seed=0, pairs_per_step=16,
+                           groups=0)
+    for step in range(6):
+        assert stream.step_sources(step) == {"safety": 12, "general": 4}
+        names = {refs.key for refs in stream.order.sources[0].refs}
+        mine = stream.step_pairs(0, 1)
+        assert sum(p.video.key in names for p in mine) == 12
+        assert {p.source for p in mine} == {"safety", "general"}

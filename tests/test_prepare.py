@@ -110,6 +110,12 @@ def test_fps_sampling_and_aspect(tmp_path):
     assert pair.video.meta["frame_indices"] == [2, 6, 10, 14, 18, 22]
     assert [_frame_index(j) for j in pair.video.jpegs] == [2, 6, 10, 14, 18, 22]
     assert pair.video.frames().shape == (6, 32, 43, 3)
+    # A pixel budget under shorter-side-32 (32 x 43 = 1376): the aspect ratio stays.
+    rc, out = _run(tmp_path, videos, [_pair(0, "v.mp4")], "--keep-aspect", "--max-pixels", "768",
+                   out="budget")
+    (pair,) = read_all_pairs(expand_shards(str(out / "train-*.tar")), 10)
+    h, w = pair.video.frames().shape[1:3]
+    assert h * w <= 768 and abs(w / h - 4 / 3) < 0.05
 
 
 def _many(tmp_path, n=9) -> tuple[Path, list[dict]]:

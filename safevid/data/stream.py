@@ -83,13 +83,31 @@ class Pair:
     source: str = ""  # the data.mix source it came from
 
 
+def _split_patterns(spec: str) -> list[str]:
+    """Split on the commas between patterns, not those inside braces (`train-{1,2}.tar`)."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth <= 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
+
+
 def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
     """Comma-separated brace patterns and globs -> sorted existing files; none is an error."""
     import braceexpand
 
     urls: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        for pattern in braceexpand.braceexpand(part) if part else []:
+    for part in (p.strip() for p in _split_patterns(spec)):
+        try:
+            patterns = list(braceexpand.braceexpand(part)) if part else []
+        except braceexpand.UnbalancedBracesError as exc:
+            raise DataError(f"key '{key}': {exc}") from exc
+        for pattern in patterns:
             matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
             for m in matches:
                 if not Path(m).is_file():
