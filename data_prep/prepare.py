@@ -88,16 +88,31 @@ def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[
     return record, [encode_jpeg(f, settings.jpeg_quality) for f in sampled.frames], None
 
 
+def read_video_list(path: Path) -> tuple[Path, set[str]]:
+    """`--videos LIST`: a text file of video paths, one a line, relative to the file's own
+    directory (which confines them); '#' starts a comment. The directory and the listed paths."""
+    listed = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            listed.add(line.replace("\\", "/"))
+    return path.parent, listed
+
+
 def plan_shards(videos_dir: Path, pairs: list[dict], rejects: Rejects, videos_per_shard: int,
-                seed: int) -> dict[str, list[list[tuple[str, list[dict]]]]]:
+                seed: int, listed: set[str] | None = None
+                ) -> dict[str, list[list[tuple[str, list[dict]]]]]:
     """split -> shards -> (video relpath, its pairs), in the seeded order. Pairs whose video
-    path is unsafe are rejected here."""
+    path is unsafe (or, with a video list, not listed) are rejected here."""
     by_split: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for pair in pairs:
         try:
             rel = _video_relpath(videos_dir, pair)
         except UnsafePath as exc:
             rejects.add(pair["_source"], str(exc), id=pair.get("id"))
+            continue
+        if listed is not None and rel not in listed:
+            rejects.add(pair["_source"], f"video {rel}: not in the --videos list", id=pair.get("id"))
             continue
         by_split[pair.get("split") or "train"][rel].append(pair)
     plan = {}
@@ -124,7 +139,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
                    progress: bool = True, crop: bool = True, *, seed: int = 0,
                    job_index: int = 0, num_jobs: int = 1, fps: float | None = None,
                    jpeg_quality: int = 90, short_videos: str = "pad",
-                   max_pixels: int | None = None) -> dict | None:
+                   max_pixels: int | None = None, listed: set[str] | None = None) -> dict | None:
     """Write this job's shards; with one job (or when `merge`), also index.json. `rejects` may
     already hold inputs rejected while reading the pairs. Returns the index, or None for a job
     of an array (run `merge_parts` once all have finished)."""
@@ -134,7 +149,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     settings = FrameSettings(num_frames, size, crop, fps, jpeg_quality, short_videos, max_pixels)
     read_rejects = rejects or Rejects(None, keep=True)
     plan_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
-    plan = plan_shards(videos_dir, pairs, plan_rejects, videos_per_shard, seed)
+    plan = plan_shards(videos_dir, pairs, plan_rejects, videos_per_shard, seed, listed)
     parts = out_dir / PARTS
     parts.mkdir(parents=True, exist_ok=True)
     job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
@@ -225,7 +240,8 @@ def _env_int(name: str, default: int) -> int:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="safevid prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--videos", type=Path, help="directory of videos")
+    p.add_argument("--videos", type=Path,
+                   help="directory of videos, or a text file listing them (paths relative to it)")
     p.add_argument("--pairs", type=Path,
                    help="pairs: .jsonl, .json, .parquet, or a `datasets` directory (read as a stream)")
     p.add_argument("--format", choices=FORMATS, default="safevid",
@@ -268,6 +284,9 @@ def main(argv: list[str]) -> int:
             print(f"safevid prepare: --job-index {args.job_index} is outside 0..{args.num_jobs - 1}",
                   file=sys.stderr)
             return 2
+        videos_dir, listed = args.videos, None
+        if args.videos.is_file():
+            videos_dir, listed = read_video_list(args.videos)
         rejects = Rejects(None, keep=True, prefix="safevid prepare")
         try:
             mapping = parse_map(args.map)
@@ -276,11 +295,11 @@ def main(argv: list[str]) -> int:
             print(f"safevid prepare: {exc}", file=sys.stderr)
             return 2
         index = prepare_shards(
-            args.videos, pairs, args.out, args.frames, args.size, args.videos_per_shard,
+            videos_dir, pairs, args.out, args.frames, args.size, args.videos_per_shard,
             args.workers, rejects, not args.no_progress, crop=not args.keep_aspect,
             seed=args.seed, job_index=args.job_index, num_jobs=args.num_jobs, fps=args.fps,
             jpeg_quality=args.jpeg_quality, short_videos=args.short_videos,
-            max_pixels=args.max_pixels)
+            max_pixels=args.max_pixels, listed=listed)
         if index is None:
             print(f"safevid prepare: job {args.job_index} of {args.num_jobs} done; once all are, "
                   f"run: safevid prepare --merge --out {args.out}")

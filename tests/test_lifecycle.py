@@ -281,14 +281,19 @@ def test_refuses_a_checkpoint_of_another_config(demo_assets, life_baseline):
 
 def test_runs_exit_zero_every_time_and_leave_no_shared_memory(demo_assets, tmp_path):
     # Once in about 25 runs a finished rank used to abort at exit; a handful of short runs in a
-    # row, each checked, is what a user scripting many runs does.
+    # row, each checked, is what a user scripting many runs does. The last one runs 3 ranks
+    # over the demo's 4 training shards (uneven shards per rank): every rank reads only its own
+    # samples and none waits for another.
     before = shm_segments()
-    for i in range(4):
-        proc = run_train(tmp_path / f"run{i}", demo_assets, world=2,
-                         extra=("train.max_steps=1", "train.eval_every=0", "train.export_hf=false",
-                                "data.eval_shards=null"), check=False)
+    short = ("train.eval_every=0", "train.export_hf=false", "data.eval_shards=null")
+    for i, (world, extra) in enumerate([
+            (2, ("train.max_steps=1",)), (2, ("train.max_steps=1",)),
+            (3, ("train.max_steps=2", "train.pairs_per_step=12", "train.micro_batch_pairs=2"))]):
+        proc = run_train(tmp_path / f"run{i}", demo_assets, world=world, extra=(*extra, *short),
+                         check=False)
         assert proc.returncode == 0, (i, proc.stderr[-3000:])
         assert shm_segments() <= before, shm_segments() - before
+    assert [r["pairs"] for r in rows(tmp_path / "run2")] == [12, 12]
 
 
 def test_stale_shared_memory_of_killed_runs_is_swept(tmp_path):

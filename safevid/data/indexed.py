@@ -23,6 +23,12 @@ count. A sample is fetched with plain seeks and reads: no tar scan, no unpicklin
 cannot be read or parsed makes the sample's pairs rejected (by shard and key) with weight 0,
 and the step keeps their slots.
 
+Why not webdataset's `wids`: it needs a shard list with sample counts and, for random access,
+scans each tar to index its members when first opened, per process. The member offsets are
+known when `safevid prepare` writes a shard, so they are written beside it once, and a reader
+needs one small JSON per shard and two seeks per sample; the order also needs each sample's
+pair count, which `wids` does not keep.
+
 Resume. The order is a function of the step number, so a resumed run starts at its step
 without reading anything before it. The position recorded in checkpoints is (step, 0).
 """
