@@ -20,6 +20,8 @@ picks its shard set, e.g. `train-000000.tar`, `heldout-000000.tar`.
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import random
@@ -57,8 +59,11 @@ def _video_relpath(videos_dir: Path, pair: dict) -> str:
         return pair["video"].replace("\\", "/")
     name = str(pair["video_id"])
     confine(videos_dir, name)
-    matches = sorted(p for p in videos_dir.glob(f"{name}.*") if p.is_file())
-    return (matches[0].relative_to(videos_dir).as_posix() if matches else f"{name}.mp4")
+    # The id is a name, not a pattern: `clip [hd]` must not match other files.
+    matches = sorted(p for p in videos_dir.glob(f"{glob.escape(name)}.*") if p.is_file())
+    rel = matches[0].relative_to(videos_dir).as_posix() if matches else f"{name}.mp4"
+    confine(videos_dir, rel)  # the file chosen, links included
+    return rel
 
 
 def _quiet_worker() -> None:
@@ -124,6 +129,20 @@ def plan_shards(videos_dir: Path, pairs: list[dict], rejects: Rejects, videos_pe
     return plan
 
 
+def _fingerprint(base: str, shard: list[tuple[str, list[dict]]]) -> str:
+    """Settings and the shard's videos with their pair ids: equal only for the same shard."""
+    content = json.dumps([base, [(rel, [p.get("id") for p in group]) for rel, group in shard]])
+    return hashlib.sha1(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _recorded(path: Path) -> str | None:
+    """The fingerprint of a shard's record, or None when there is none."""
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def _shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
@@ -152,23 +171,38 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     plan = plan_shards(videos_dir, pairs, plan_rejects, videos_per_shard, seed, listed)
     parts = out_dir / PARTS
     parts.mkdir(parents=True, exist_ok=True)
+    # What each shard must hold: its settings and its videos. A shard recorded with another
+    # fingerprint (a rerun with other settings or inputs) is written again, never kept.
+    base = json.dumps([asdict(settings), seed, videos_per_shard])
+    prints = {split: [_fingerprint(base, shard) for shard in shards] for split, shards in plan.items()}
     job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
-           "plan": {split: len(shards) for split, shards in plan.items()},
-           "inputs": len(pairs) + read_rejects.count,
+           "plan": {split: len(shards) for split, shards in plan.items()}, "fingerprints": prints,
+           "num_jobs": num_jobs, "inputs": len(pairs) + read_rejects.count,
            "rejects": read_rejects.records + plan_rejects.records}
     _write_json(parts / f"job-{job_index}-of-{num_jobs}.json", job)
     mine = [(split, i, shard) for split, shards in plan.items() for i, shard in enumerate(shards)
-            if i % num_jobs == job_index and not (parts / f"{_shard_name(split, i)}.json").is_file()]
+            if i % num_jobs == job_index
+            and _recorded(parts / f"{_shard_name(split, i)}.json") != prints[split][i]]
     total = sum(len(shard) for _, _, shard in mine)
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
     with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_quiet_worker) as pool, \
             tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
-        paths = [str(videos_dir / rel) for _, _, shard in mine for rel, _ in shard]
-        results = pool.map(decode_video, paths, [settings] * len(paths), chunksize=1)
-        for split, i, shard in mine:
+        # Two shards in flight at most: decoded frames wait in memory only that long.
+        pending: list = []
+
+        def submit(k: int) -> None:
+            if k < len(mine):
+                pending.append([pool.submit(decode_video, str(videos_dir / rel), settings)
+                                for rel, _ in mine[k][2]])
+
+        submit(0)
+        submit(1)
+        for position, (split, i, shard) in enumerate(mine):
+            futures = pending.pop(0)
+            submit(position + 2)
             samples, shard_rejects, n_pairs = [], [], 0
-            for rel, group in shard:
-                record, jpegs, error = next(results)
+            for (rel, group), future in zip(shard, futures, strict=True):
+                record, jpegs, error = future.result()
                 bar.update(1)
                 if error is not None:
                     shard_rejects += [{"source": p["_source"], "id": p.get("id"),
@@ -185,6 +219,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             # The record comes after the shard: a shard is counted only once it is whole.
             _write_json(parts / f"{name}.json", {"file": name if samples else None,
                                                 "videos": len(samples), "pairs": n_pairs,
+                                                "fingerprint": prints[split][i],
                                                 "rejects": shard_rejects})
             for r in shard_rejects:
                 print(f"{read_rejects.prefix}: skipping {r['source']}: {r['reason']}",
@@ -199,8 +234,14 @@ def merge_parts(out_dir: Path) -> dict:
     jobs = sorted(parts.glob("job-*-of-*.json"))
     if not jobs:
         raise SystemExit(f"safevid prepare --merge: no job records in {parts}")
-    job = json.loads(jobs[0].read_text())
-    num_jobs = int(jobs[0].stem.rsplit("-of-", 1)[1])
+    records = [json.loads(j.read_text()) for j in jobs]
+    job = records[0]
+    num_jobs = job.get("num_jobs", 1)
+    keys = ("settings", "seed", "videos_per_shard", "plan", "fingerprints", "num_jobs")
+    if any(any(r.get(k) != job.get(k) for k in keys) for r in records[1:]):
+        raise SystemExit(f"safevid prepare --merge: the job records in {parts} disagree (runs with "
+                         "other settings, inputs or job counts): rerun every job with the same "
+                         "arguments, or prepare into a new --out")
     splits: dict[str, list[dict]] = {}
     rejects = list(job["rejects"])
     missing = []
@@ -208,7 +249,7 @@ def merge_parts(out_dir: Path) -> dict:
         splits[split] = []
         for i in range(n):
             record_path = parts / f"{_shard_name(split, i)}.json"
-            if not record_path.is_file():
+            if _recorded(record_path) != job["fingerprints"][split][i]:
                 missing.append(f"{_shard_name(split, i)} (job {i % num_jobs})")
                 continue
             record = json.loads(record_path.read_text())
@@ -229,7 +270,10 @@ def merge_parts(out_dir: Path) -> dict:
               "sampler": "fps" if s["fps"] else "uniform-centre", "seed": job["seed"]}
     index = write_index(out_dir, frames, {k: v for k, v in splits.items() if v}, len(rejects),
                         job["inputs"])
-    assert index["totals"]["pairs"] + index["totals"]["rejected"] == job["inputs"], "pairs lost"
+    if index["totals"]["pairs"] + index["totals"]["rejected"] != job["inputs"]:
+        raise SystemExit(f"safevid prepare --merge: {job['inputs']} inputs but "
+                         f"{index['totals']['pairs']} pairs written and {index['totals']['rejected']} "
+                         "rejected: the shard records do not belong to one run")
     return index
 
 

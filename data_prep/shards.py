@@ -36,8 +36,11 @@ def member_index(path: Path, pairs: dict[str, int] | None = None) -> dict:
             if ext == "json":
                 entry["json"] = [m.offset_data, m.size]
             elif ext.endswith("jpg"):
-                entry["jpg"].append([m.offset_data, m.size])
+                # By frame number: tar members sort as text (1000 before 101).
+                number = int(ext.split(".")[0]) if ext.split(".")[0].isdigit() else 0
+                entry["jpg"].append([number, m.offset_data, m.size])
     for key, entry in samples.items():
+        entry["jpg"] = [[off, size] for _, off, size in sorted(entry["jpg"])]
         entry["pairs"] = (pairs or {}).get(key)
     return samples
 

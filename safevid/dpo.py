@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -49,9 +50,9 @@ class Batcher:
 
     def _stand_in(self, pair: Pair) -> tuple[EncodedPair, VideoInput]:
         """What an unusable pair is run as: it keeps its slot (the same forwards, the vision
-        tower called on every rank) and weighs nothing. Two frames of its own video (blank ones
-        when they did not decode) and one-token texts: small whatever made the pair unusable."""
-        video = self.family.prepare_video(pair.video.frames()[:2], pair.video.meta)
+        tower called on every rank) and weighs nothing. Two blank frames and one-token texts:
+        small, and usable whatever made the pair unusable (its own frames may be the cause)."""
+        video = self.family.prepare_video(np.zeros((2, 32, 32, 3), np.uint8), None)
         tokens = VideoTokens(self.family.video_token_id, video.tokens)
         stand_in = Pair(pair.id, ".", ".", ".", None)
         return encode_pair(stand_in, self.loaded.tokenizer, tokens, Limits(4, 0, 0)), video
@@ -154,7 +155,11 @@ class StepPrefetcher:
     def _decode(self, video: Video) -> str | None:
         error = video.decode_error()
         if error is None:
-            self.batcher.prepare(video)
+            try:
+                self.batcher.prepare(video)
+            except Exception as exc:  # noqa: BLE001  a property of the video, alike on every rank
+                error = f"cannot preprocess frames: {type(exc).__name__}: {str(exc)[:200]}"
+                video.error = error
         return error
 
     def _load(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:

@@ -139,3 +139,12 @@ def test_mixture_of_shard_sets_reports_pairs_per_source(demo_assets):
         mine = stream.step_pairs(0, 1)
         assert sum(p.video.key in names for p in mine) == 12
         assert {p.source for p in mine} == {"safety", "general"}
+
+
+def test_mixture_groups_sum_to_the_step():
+    from safevid.data.indexed import group_shares
+
+    assert group_shares(64, [1, 1, 1]) == [22, 21, 21]
+    assert sum(group_shares(128, [1.0] * 6)) == 128
+    with pytest.raises(Exception, match="no group"):
+        group_shares(4, [100, 1])

@@ -185,3 +185,35 @@ def test_videos_from_a_list_file(tmp_path):
     assert index["totals"] == {"videos": 2, "pairs": 2, "rejected": 1, "inputs": 3}
     (reject,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["id"] == "p2" and "not in the --videos list" in reject["reason"]
+
+
+def test_video_ids_are_names_and_links_stay_inside(tmp_path):
+    from safevid.data_prep.keys import UnsafePath
+    from safevid.data_prep.prepare import _video_relpath
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip [hd].mkv").write_bytes(b"x")
+    (videos / "other.mp4").write_bytes(b"x")
+    assert _video_relpath(videos, {"video_id": "clip [hd]"}) == "clip [hd].mkv"
+    assert _video_relpath(videos, {"video_id": "*"}) == "*.mp4"  # no file: "not found" later
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(b"x")
+    (videos / "link.mp4").symlink_to(outside)
+    with pytest.raises(UnsafePath, match="links out"):
+        _video_relpath(videos, {"video_id": "link"})
+
+
+def test_a_rerun_with_other_settings_rewrites_its_shards(tmp_path):
+    videos, rows = _many(tmp_path, n=4)
+    assert _run(tmp_path, videos, rows, out="x")[0] == 0
+    first = _members(tmp_path / "x")
+    assert _run(tmp_path, videos, rows, "--jpeg-quality", "50", out="x")[0] == 0
+    second = _members(tmp_path / "x")
+    assert second.keys() == first.keys() and second != first  # rewritten, not kept
+    index = json.loads((tmp_path / "x" / "index.json").read_text())
+    assert index["frames"]["jpeg_quality"] == 50
+    # A job of an array with other settings next to them: the merge refuses to mix them.
+    assert _run(tmp_path, videos, rows, "--job-index", "0", "--num-jobs", "2", out="x")[0] == 0
+    with pytest.raises(SystemExit, match="disagree"):
+        prepare_main(["--merge", "--out", str(tmp_path / "x")])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def _scan(url: str) -> dict:
     return index
 
 
-def load_index(urls: list[str]) -> list[SampleRef]:
-    """Every sample of `urls` with its member offsets and pair count, in shard order."""
+def load_index(urls: list[str], rejects: Rejects | None = None) -> list[SampleRef]:
+    """Every sample of `urls` with its member offsets and pair count, in shard order; a sample
+    with no pairs to train (its JSON unreadable) is rejected by shard and key."""
     from safevid.data_prep.shards import sidecar_path
 
     refs: list[SampleRef] = []
@@ -81,6 +83,8 @@ def load_index(urls: list[str]) -> list[SampleRef]:
         index = json.loads(side.read_text()) if side.is_file() else _scan(url)
         for key in sorted(index):
             e = index[key]
+            if not e.get("pairs") and rejects is not None:
+                rejects.add(f"{url}:{key}", "unreadable sample: no readable JSON with pairs")
             if e.get("pairs"):
                 refs.append(SampleRef(url, key, tuple(e["json"]) if e["json"] else None,
                                       tuple(tuple(j) for j in e["jpg"]), int(e["pairs"])))
@@ -109,34 +113,40 @@ class GlobalOrder:
             n = sum(r.pairs for r in s.refs)
             self.steps_per_epoch.append(-(-n // (s.groups * self.k)))
         self._cache: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
+        self._lock = threading.Lock()  # the prefetch thread and the main thread both ask
 
     def _groups(self, source: int, epoch: int) -> list[list[tuple[int, int]]]:
         """The epoch's groups of (sample, pair) for one source (cached: a few epochs at most)."""
         key = (source, epoch)
-        if key not in self._cache:
-            if len(self._cache) > 8:
-                self._cache.pop(next(iter(self._cache)))
-            s = self.sources[source]
-            rng = random.Random(f"{self.seed}/{s.name}/{epoch}")
-            order = list(range(len(s.refs)))
-            rng.shuffle(order)
-            seq: list[tuple[int, int]] = []
-            for i in order:
-                pairs = list(range(s.refs[i].pairs))
-                rng.shuffle(pairs)
-                seq.extend((i, p) for p in pairs)
-            length = self.steps_per_epoch[source] * self.k
-            while len(seq) < length * s.groups:  # the last step's shortfall, from the start
-                seq.extend(seq[:length * s.groups - len(seq)])
-            groups = [seq[g * length:(g + 1) * length] for g in range(s.groups)]
-            for g, group in enumerate(groups):
-                # Shuffled within blocks: a video's pairs spread over neighbouring steps.
-                for b in range(0, length, self.block):
-                    part = group[b:b + self.block]
-                    random.Random(f"{self.seed}/{s.name}/{epoch}/{g}/{b}").shuffle(part)
-                    group[b:b + self.block] = part
-            self._cache[key] = groups
-        return self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._build(source, epoch)
+                # Two epochs per source at most: the current one and the next.
+                for old in [k for k in self._cache if k[0] == source and k[1] < epoch - 1]:
+                    del self._cache[old]
+            return self._cache[key]
+
+    def _build(self, source: int, epoch: int) -> list[list[tuple[int, int]]]:
+        s = self.sources[source]
+        rng = random.Random(f"{self.seed}/{s.name}/{epoch}")
+        order = list(range(len(s.refs)))
+        rng.shuffle(order)
+        seq: list[tuple[int, int]] = []
+        for i in order:
+            pairs = list(range(s.refs[i].pairs))
+            rng.shuffle(pairs)
+            seq.extend((i, p) for p in pairs)
+        length = self.steps_per_epoch[source] * self.k
+        while len(seq) < length * s.groups:  # the last step's shortfall, from the start
+            seq.extend(seq[:length * s.groups - len(seq)])
+        groups = [seq[g * length:(g + 1) * length] for g in range(s.groups)]
+        for g, group in enumerate(groups):
+            # Shuffled within blocks: a video's pairs spread over neighbouring steps.
+            for b in range(0, length, self.block):
+                part = group[b:b + self.block]
+                random.Random(f"{self.seed}/{s.name}/{epoch}/{g}/{b}").shuffle(part)
+                group[b:b + self.block] = part
+        return groups
 
     def step(self, step: int) -> list[tuple[int, int, int]]:
         """The pairs of 0-based `step`, group after group, `k` from each."""
@@ -151,6 +161,21 @@ class GlobalOrder:
         return step // self.steps_per_epoch[0]
 
 
+def group_shares(groups: int, weights: list[float]) -> list[int]:
+    """`groups` split by weight (largest remainder): the shares sum to `groups` exactly, so
+    the step still splits evenly; a weight too small for one group is an error."""
+    total = sum(weights)
+    exact = [groups * w / total for w in weights]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: shares[i] - exact[i])[:groups - sum(shares)]:
+        shares[i] += 1
+    if min(shares) == 0:
+        raise DataError(f"data.mix: weights {weights} give a source no group of the {groups} "
+                        "(data.groups, default train.pairs_per_step): raise its weight or "
+                        "data.groups")
+    return shares
+
+
 class IndexedStream:
     """`PairStream`'s role for training: `step_pairs(rank, world)` gives this rank's share of
     the next step, reading only its own samples; `position` is (next step, 0)."""
@@ -158,18 +183,17 @@ class IndexedStream:
     def __init__(self, sources: list[tuple[str, list[str], float]], seed: int, pairs_per_step: int,
                  groups: int, rejects: Rejects | None = None, position: tuple[int, int] = (0, 0),
                  block: int = 64):
-        total_weight = sum(w for _, _, w in sources)
         groups = groups or pairs_per_step
+        self.rejects = rejects or Rejects(None)
         built = []
-        for name, urls, weight in sources:
-            refs = load_index(urls)
+        for (name, urls, _), share in zip(sources, group_shares(groups, [w for *_, w in sources]),
+                                          strict=True):
+            refs = load_index(urls, self.rejects)
             if not refs:
                 raise DataError(f"data source {name!r}: no usable samples in {urls[:3]}")
-            share = max(1, round(groups * weight / total_weight))
             built.append(Source(name, refs, share))
         self.order = GlobalOrder(built, pairs_per_step, seed, block)
         self.pairs_per_step = pairs_per_step
-        self.rejects = rejects or Rejects(None)
         self.next_step = position[0]
         self._videos: dict[tuple[int, int], Video | None] = {}
         self._window: dict[tuple[int, int], int] = {}
@@ -247,9 +271,5 @@ class IndexedStream:
         return mine
 
     def step_sources(self, step: int) -> dict[str, int]:
-        """Pairs per source in 0-based `step` (known from the order alone)."""
-        counts: dict[str, int] = {}
-        for si, _, _ in self.order.step(step):
-            name = self.order.sources[si].name
-            counts[name] = counts.get(name, 0) + 1
-        return counts
+        """Pairs per source in a step: the same every step, `k` from each of its groups."""
+        return {s.name: s.groups * self.order.k for s in self.order.sources}

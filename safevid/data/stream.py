@@ -133,7 +133,9 @@ def iter_videos(urls: list[str], rejects: Rejects) -> Iterator[Video]:
         source = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
             meta = json.loads(sample["json"])
-            names = sorted(k for k in sample if k.endswith(".jpg"))
+            # By frame number: member names sort as text (1000.jpg before 101.jpg).
+            names = sorted((k for k in sample if k.endswith(".jpg")),
+                           key=lambda k: (len(k.split(".")[0]), k))
             if not names:
                 raise ValueError("sample has no frames")
             pairs = meta.get("pairs")
