@@ -34,7 +34,13 @@ from safevid.data_prep.frames import VideoError, encode_jpeg, read_frames
 from safevid.data_prep.keys import UnsafePath, confine, sample_key
 from safevid.data_prep.pairs_io import FORMATS, iter_pairs, parse_map
 from safevid.data_prep.rejects import Rejects
-from safevid.data_prep.shards import INDEX_FILE, REJECTS_FILE, write_index, write_shard
+from safevid.data_prep.shards import (
+    INDEX_FILE,
+    REJECTS_FILE,
+    write_index,
+    write_shard,
+    write_text_atomic,
+)
 from tqdm import tqdm
 
 PAIR_KEEP = ("id", "prompt", "chosen", "rejected", "category", "query_type", "provenance")
@@ -147,12 +153,6 @@ def _shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frames: int, size: int,
                    videos_per_shard: int = 64, workers: int = 2, rejects: Rejects | None = None,
                    progress: bool = True, crop: bool = True, *, seed: int = 0,
@@ -179,7 +179,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
            "plan": {split: len(shards) for split, shards in plan.items()}, "fingerprints": prints,
            "num_jobs": num_jobs, "inputs": len(pairs) + read_rejects.count,
            "rejects": read_rejects.records + plan_rejects.records}
-    _write_json(parts / f"job-{job_index}-of-{num_jobs}.json", job)
+    write_text_atomic(parts / f"job-{job_index}-of-{num_jobs}.json", json.dumps(job))
     mine = [(split, i, shard) for split, shards in plan.items() for i, shard in enumerate(shards)
             if i % num_jobs == job_index
             and _recorded(parts / f"{_shard_name(split, i)}.json") != prints[split][i]]
@@ -200,13 +200,14 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
         for position, (split, i, shard) in enumerate(mine):
             futures = pending.pop(0)
             submit(position + 2)
-            samples, shard_rejects, n_pairs = [], [], 0
+            samples, n_pairs = [], 0
+            shard_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
             for (rel, group), future in zip(shard, futures, strict=True):
                 record, jpegs, error = future.result()
                 bar.update(1)
                 if error is not None:
-                    shard_rejects += [{"source": p["_source"], "id": p.get("id"),
-                                       "reason": f"video {rel}: {error}"} for p in group]
+                    for p in group:
+                        shard_rejects.add(p["_source"], f"video {rel}: {error}", id=p.get("id"))
                     continue
                 kept = [{k: p[k] for k in PAIR_KEEP if k in p} for p in group]
                 doc = {"source": rel, "num_frames": len(jpegs), **record,
@@ -217,13 +218,9 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             if samples:
                 write_shard(out_dir / name, samples)
             # The record comes after the shard: a shard is counted only once it is whole.
-            _write_json(parts / f"{name}.json", {"file": name if samples else None,
-                                                "videos": len(samples), "pairs": n_pairs,
-                                                "fingerprint": prints[split][i],
-                                                "rejects": shard_rejects})
-            for r in shard_rejects:
-                print(f"{read_rejects.prefix}: skipping {r['source']}: {r['reason']}",
-                      file=sys.stderr)
+            write_text_atomic(parts / f"{name}.json", json.dumps(
+                {"file": name if samples else None, "videos": len(samples), "pairs": n_pairs,
+                 "fingerprint": prints[split][i], "rejects": shard_rejects.records}))
     return merge_parts(out_dir) if num_jobs == 1 else None
 
 
@@ -259,10 +256,8 @@ def merge_parts(out_dir: Path) -> dict:
     if missing:
         raise SystemExit(f"safevid prepare --merge: shards not written yet: {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''}; rerun those jobs")
-    with open(out_dir / (REJECTS_FILE + ".tmp"), "w") as f:
-        for r in rejects:
-            f.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
-    (out_dir / (REJECTS_FILE + ".tmp")).replace(out_dir / REJECTS_FILE)
+    write_text_atomic(out_dir / REJECTS_FILE, "".join(
+        json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rejects))
     s = job["settings"]
     frames = {"num_frames": s["num_frames"], "size": s["size"], "crop": s["crop"],
               "max_pixels": s.get("max_pixels"),

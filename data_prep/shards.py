@@ -45,6 +45,13 @@ def member_index(path: Path, pairs: dict[str, int] | None = None) -> dict:
     return samples
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Written beside and renamed into place: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_shard(path: Path, samples: list[tuple[str, dict, list[bytes]]]) -> None:
     """One tar of samples (key, JSON document, JPEG frames) and its member index, written
     beside and renamed into place: a file with the shard's name is always whole. Fixed member
@@ -61,9 +68,7 @@ def write_shard(path: Path, samples: list[tuple[str, dict, list[bytes]]]) -> Non
             writer.write(sample)
         writer.close()
     index = member_index(tmp, {key: len(doc["pairs"]) for key, doc, _ in samples})
-    side = sidecar_path(path)
-    side.with_name(side.name + ".tmp").write_text(json.dumps(index))
-    side.with_name(side.name + ".tmp").replace(side)
+    write_text_atomic(sidecar_path(path), json.dumps(index))
     tmp.replace(path)
 
 

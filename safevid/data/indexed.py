@@ -157,9 +157,6 @@ class GlobalOrder:
                 out.extend((si, i, p) for i, p in group[j * self.k:(j + 1) * self.k])
         return out
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch[0]
-
 
 def group_shares(groups: int, weights: list[float]) -> list[int]:
     """`groups` split by weight (largest remainder): the shares sum to `groups` exactly, so
@@ -193,7 +190,6 @@ class IndexedStream:
                 raise DataError(f"data source {name!r}: no usable samples in {urls[:3]}")
             built.append(Source(name, refs, share))
         self.order = GlobalOrder(built, pairs_per_step, seed, block)
-        self.pairs_per_step = pairs_per_step
         self.next_step = position[0]
         self._videos: dict[tuple[int, int], Video | None] = {}
         self._window: dict[tuple[int, int], int] = {}
@@ -201,9 +197,6 @@ class IndexedStream:
     @property
     def position(self) -> tuple[int, int]:
         return self.next_step, 0
-
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.order.sources]
 
     def _read(self, source: int, i: int) -> Video | None:
         """The sample, from this rank's cache or two seeks into its shard."""

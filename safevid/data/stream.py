@@ -208,14 +208,6 @@ class PairStream:
         return [next(self._it) for _ in range(n)]
 
 
-def frames_per_video(url: str) -> int:
-    """Frames per video in a shard, read from its index (or its first sample)."""
-    index = Path(url).parent / "index.json"
-    if index.is_file():
-        return int(json.loads(index.read_text())["frames"]["num_frames"])
-    return len(next(iter_videos([url], Rejects(None))).jpegs)
-
-
 def read_all_pairs(urls: list[str], limit: int, rejects: Rejects | None = None) -> list[Pair]:
     """The first `limit` pairs in shard order (evaluation sets)."""
     out: list[Pair] = []

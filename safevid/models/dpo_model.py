@@ -88,10 +88,6 @@ class LoadedModel:
     tokenizer: object
     family: Family
 
-    @property
-    def video_token_id(self) -> int:
-        return self.family.video_token_id
-
 
 def load_family(name_or_path: str, family: str = "auto", trust_remote_code: bool = False) -> Family:
     """The family's data-side object for a checkpoint (no weights are read)."""
