@@ -51,6 +51,7 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
         "accelerate>=1.0",
+        "tensorboard>=2.15,<3",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "triton>=3.0"],

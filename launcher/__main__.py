@@ -39,8 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes on this node (default: visible GPUs, else NPROC_PER_NODE or 2)")
-    p.add_argument("--command", choices=("train", "eval"), default="train",
-                   help="what each process runs: `safevid train` (default) or `safevid eval`")
+    p.add_argument("--command", choices=("train", "precompute-ref", "eval"), default="train",
+                   help="what each process runs: `safevid train` (default), `safevid "
+                        "precompute-ref` or `safevid eval`")
     p.add_argument("--write-hostfile", metavar="PATH", default=None,
                    help="write a DeepSpeed hostfile for this job's nodes and exit")
     # The launcher's own flags come first; everything from the first other word on belongs to

@@ -41,6 +41,10 @@ MAY_DIFFER = (
     "train.gradient_checkpointing", "train.micro_batch_pairs", "train.deepspeed_config",
     "data.packing", "data.shared_prefix", "data.max_tokens_per_row", "model.attention",
     "data.decode_threads", "data.eval_shards", "data.eval_max_pairs",
+    # Where a run starts from and what it reports, and the reference's source (precomputed
+    # log-probs equal the live reference's; tests/test_reference.py).
+    "train.resume_from", "train.export_every", "train.report_to", "train.reference",
+    "train.ref_logps_dir",
 )
 
 
@@ -119,8 +123,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     # A longer or shorter run is the same run only when the learning rate does not depend on
     # its length: cosine and linear decay are stretched by train.max_steps.
-    may_differ = MAY_DIFFER + (("train.max_steps",) if a.get("train.lr_schedule") == "constant"
-                               else ())
+    may_differ = MAY_DIFFER + (("train.max_steps", "train.epochs")
+                               if a.get("train.lr_schedule") == "constant" else ())
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in may_differ):
@@ -147,7 +151,10 @@ def find_resume(ckpt_dir: Path, config: dict) -> ResumePoint | None:
                 f"again from step 0 over them: delete {ckpt_dir} to start afresh, or point "
                 "output_dir at a new directory.")
         return None
-    step, path = complete[-1]
+    return _check_point(complete[-1][1], config)
+
+
+def _check_point(path: Path, config: dict) -> ResumePoint:
     state = json.loads((path / STATE).read_text())
     diffs = config_differences(state.get("config", {}), config)
     if diffs:
@@ -155,11 +162,35 @@ def find_resume(ckpt_dir: Path, config: dict) -> ResumePoint | None:
             f"{path} was written by a run with a different configuration; these keys differ "
             f"(checkpoint -> this run): {'; '.join(diffs)}. Set them back to resume, or use a new "
             "output_dir for a new run.")
-    return ResumePoint(path, step, tuple(state["data_position"]), int(state["world_size"]))
+    return ResumePoint(path, int(state["step"]), tuple(state["data_position"]),
+                       int(state["world_size"]))
 
 
-def decide_resume(ckpt_dir: Path, config: dict, rank: int) -> ResumePoint | None:
-    """`find_resume` on rank 0, its answer (or its error) broadcast to every rank.
+def find_named(path: Path, config: dict) -> ResumePoint:
+    """`train.resume_from`: a `step_<n>` directory, or the newest complete checkpoint of a run
+    directory or a checkpoints directory."""
+    if not path.exists():
+        raise CheckpointError(f"train.resume_from={path}: no such file or directory")
+    if TAG_RE.match(path.name) or (path / STATE).is_file():
+        if not is_complete(path):
+            raise CheckpointError(f"train.resume_from={path}: not a complete checkpoint (no "
+                                  f"{COMPLETE} marker: it was cut off while being written)")
+        # The same checks as for a run's own checkpoints, on a directory holding only it.
+        return _check_point(path, config)
+    for candidate in (path / "checkpoints", path):
+        if _tags(candidate):
+            point = find_resume(candidate, config)
+            if point is not None:
+                return point
+    raise CheckpointError(f"train.resume_from={path}: holds no complete checkpoint (step_<n> "
+                          "directories with a COMPLETE marker)")
+
+
+def decide_resume(ckpt_dir: Path, config: dict, rank: int,
+                  resume_from: str = "") -> ResumePoint | None:
+    """`find_resume` on rank 0, its answer (or its error) broadcast to every rank. The run's
+    own checkpoints come first: a job requeued after it saved must go on from there, not from
+    `resume_from` again.
 
     Every rank must take the same decision: a shared file system can show ranks different
     directory listings for a moment, and one rank resuming while another starts afresh would
@@ -170,7 +201,10 @@ def decide_resume(ckpt_dir: Path, config: dict, rank: int) -> ResumePoint | None
     answer: list = [None]
     if rank == 0:
         try:
-            answer[0] = ("ok", find_resume(ckpt_dir, config))
+            point = find_resume(ckpt_dir, config)
+            if point is None and resume_from:
+                point = find_named(Path(resume_from), config)
+            answer[0] = ("ok", point)
         except CheckpointError as exc:
             answer[0] = ("error", str(exc))
         except (OSError, ValueError, KeyError, TypeError) as exc:  # an unreadable trainer_state
@@ -190,7 +224,11 @@ def convert_to_universal(point: ResumePoint) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    # --inject_missing_state: a ZeRO-1/2 checkpoint must carry `universal_checkpoint_info`
+    # (Megatron-DeepSpeed saves it as client state; we save none), or the converter refuses it.
+    # The flag adds only its version key, all that a model without tensor or pipeline
+    # parallelism needs; ZeRO-3 checkpoints never read it.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
            "--input_folder", str(point.path), "--output_folder", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -281,6 +319,15 @@ def load(engine, point: ResumePoint, rank: int) -> tuple[int, tuple[int, int]]:
     """Restore engine, optimizer, scheduler and RNG from `point`; return (step, data position)."""
     universal = engine.load_universal_checkpoint()
     source = point.universal_path if universal else point.path
+    # ZeRO-3 writes per-rank model states, stages 0-2 one mp_rank file; DeepSpeed meets the
+    # other stage's layout (universal copies included) with a bare AssertionError.
+    stage = engine.zero_optimization_stage()
+    if not any(source.glob("zero_pp_rank_*_model_states.pt" if stage == 3
+                           else "mp_rank_*_model_states.pt")):
+        raise CheckpointError(
+            f"{point.path} was written under ZeRO stage {'0-2' if stage == 3 else '3'} and this "
+            f"run uses stage {stage}: DeepSpeed cannot load a checkpoint across ZeRO stages. Set "
+            "train.deepspeed_config back to resume, or use a new output_dir.")
     path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
         raise CheckpointError(f"{source}: DeepSpeed could not load this checkpoint")

@@ -12,6 +12,8 @@ COMMANDS = {
     "prepare": ("safevid.data_prep.prepare", "videos + pairs -> WebDataset shards"),
     "generate": ("safevid.data_prep.generate_cli", "LLM stages: captions, pairs"),
     "train": ("safevid.train", "one process of a DPO run (the launcher starts one per device)"),
+    "precompute-ref": ("safevid.reference", "reference log-probs once, for train.reference="
+                       "precomputed (launched like train)"),
     "eval": ("safevid.eval.cli", "benchmark answers + judge -> report; --compare A B"),
     "plot": ("safevid.plot", "PNG curves of a run's metrics"),
 }

@@ -32,6 +32,9 @@ class ModelConfig:
     attention: str = "auto"
     dtype: str = "auto"  # auto: bf16 where the device has it, else fp32
     trust_remote_code: bool = False
+    # The frozen reference of the DPO-style losses: empty for the policy's initial weights, or
+    # a directory / hub id (the same family and tokenizer), e.g. the SFT model one aligns from.
+    ref_name_or_path: str = ""
 
 
 @dataclass
@@ -71,7 +74,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 100
+    # Run length: train.max_steps optimizer steps, or train.epochs passes over the training
+    # pairs (ceil(epochs x pairs / pairs_per_step) steps). Exactly one of them is set.
+    max_steps: int = 0
+    epochs: float = 0.0
     pairs_per_step: int = 16  # global, whatever the world size
     micro_batch_pairs: int = 4  # per rank per forward
     lr: float = 5e-7
@@ -84,6 +90,20 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     fused_logprobs: bool = True
     save_every: int = 0  # 0: only the final checkpoint
+    # A plain transformers directory, exports/step_<n>/, every this many steps (0: only hf/
+    # at the end); exports are kept, unlike checkpoints.
+    export_every: int = 0
+    # Resume from this checkpoint (a step_<n> directory, or a run or checkpoints directory for
+    # its newest complete one) when output_dir holds none of its own yet.
+    resume_from: str = ""
+    # live: a frozen reference model runs beside the policy. precomputed: its log-probs are
+    # read from the files `safevid precompute-ref` wrote; no reference model is built.
+    reference: str = "live"
+    # Where the precomputed reference log-probs are (empty: beside each shard).
+    ref_logps_dir: str = ""
+    # Metrics besides metrics.jsonl: tensorboard (event files in <output_dir>/tensorboard),
+    # wandb (needs the wandb package), none; comma-separated for several: tensorboard,wandb.
+    report_to: str = "tensorboard"
     keep_checkpoints: int = 2
     eval_every: int = 0
     deepspeed_config: str = "ds_configs/zero3.json"
@@ -101,6 +121,8 @@ class LossConfig:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     nll_weight: float = 0.0
+    # ipo only: mean (the per-token mean log-ratio, as IPO's authors ran it) or sum
+    ipo_form: str = "mean"
 
 
 @dataclass
@@ -159,12 +181,28 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(cfg: Config) -> None:
-    from safevid.losses import LOSS_TYPES
+    from safevid.losses import IPO_FORMS, LOSS_TYPES, needs_reference
     from safevid.models.attention import BACKENDS
     from safevid.models.family import FAMILY_NAMES
+    from safevid.report import REPORTERS
 
     checks = [
-        (cfg.train.max_steps > 0, "train.max_steps", "must be > 0"),
+        (cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (cfg.train.epochs >= 0, "train.epochs", "must be >= 0"),
+        ((cfg.train.max_steps > 0) != (cfg.train.epochs > 0), "train.max_steps",
+         "set exactly one of train.max_steps and train.epochs (the other 0), now "
+         f"max_steps={cfg.train.max_steps}, epochs={cfg.train.epochs:g}"),
+        (cfg.train.export_every >= 0, "train.export_every", "must be >= 0"),
+        (cfg.train.reference in ("live", "precomputed"), "train.reference",
+         "must be live or precomputed"),
+        (cfg.train.reference == "live" or needs_reference(cfg.loss.type), "train.reference",
+         f"must be live with loss.type={cfg.loss.type}, which uses no reference"),
+        (not cfg.model.ref_name_or_path or needs_reference(cfg.loss.type),
+         "model.ref_name_or_path", f"must be empty with loss.type={cfg.loss.type}, which uses "
+         "no reference"),
+        (all(r in (*REPORTERS, "none") for r in _names(cfg.train.report_to)), "train.report_to",
+         f"{cfg.train.report_to!r}: each name must be one of {', '.join(REPORTERS)}"),
+        (cfg.loss.ipo_form in IPO_FORMS, "loss.ipo_form", f"must be one of {', '.join(IPO_FORMS)}"),
         (cfg.train.pairs_per_step > 0, "train.pairs_per_step", "must be > 0"),
         (cfg.train.micro_batch_pairs > 0, "train.micro_batch_pairs", "must be > 0"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0"),
@@ -195,14 +233,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}': {why}")
 
 
+def _names(spec: str) -> list[str]:
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def reporters(cfg: Config) -> list[str]:
+    """`train.report_to` as a list of reporter names (`none` names none)."""
+    return [n for n in _names(cfg.train.report_to) if n != "none"]
+
+
 def check_world_size(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step; the same on every rank, so collectives never deadlock."""
     per_rank, rem = divmod(cfg.train.pairs_per_step, world_size)
     if rem or per_rank % cfg.train.micro_batch_pairs:
+        unit = world_size * cfg.train.micro_batch_pairs
+        below = cfg.train.pairs_per_step // unit * unit
+        nearest = " or ".join(str(v) for v in (below, below + unit) if v > 0)
         raise ConfigError(
-            f"key 'train.pairs_per_step': {cfg.train.pairs_per_step} pairs must split evenly into "
-            f"{world_size} ranks x micro-batches of train.micro_batch_pairs="
-            f"{cfg.train.micro_batch_pairs}"
+            f"key 'train.pairs_per_step': {cfg.train.pairs_per_step} pairs do not split evenly "
+            f"into {world_size} ranks x micro-batches of train.micro_batch_pairs="
+            f"{cfg.train.micro_batch_pairs}: use a multiple of {unit}, the nearest being "
+            f"{nearest} (or change train.micro_batch_pairs)"
         )
     return per_rank // cfg.train.micro_batch_pairs
 

@@ -136,3 +136,24 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def from_first_rank(fn, rank: int):
+    """`fn()` on rank 0 alone, its result broadcast to every rank; a ConfigError (or an
+    unreadable file) there is raised on every rank, so all of them end alike instead of one
+    raising while the others wait in the next collective."""
+    import torch.distributed as dist
+
+    from safevid.config import ConfigError
+
+    answer: list = [None]
+    if rank == 0:
+        try:
+            answer[0] = ("ok", fn())
+        except (ConfigError, OSError) as exc:
+            answer[0] = ("error", str(exc))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value

@@ -40,7 +40,23 @@ class Batcher:
         self.loaded, self.family, self.cfg = loaded, loaded.family, data_cfg
         self.limits = Limits(data_cfg.max_answer_tokens, data_cfg.max_length,
                              data_cfg.max_prompt_length)
-        self.layout = Layout(data_cfg.shared_prefix, data_cfg.packing, data_cfg.max_tokens_per_row)
+        self.layout = self.layout_of(data_cfg)
+
+    @staticmethod
+    def layout_of(data_cfg) -> Layout:
+        return Layout(data_cfg.shared_prefix, data_cfg.packing, data_cfg.max_tokens_per_row)
+
+    def check_video(self, video: Video) -> str | None:
+        """Decode and preprocess `video` now; why it cannot be used, or None. A property of
+        the video, alike on every rank."""
+        error = video.decode_error()
+        if error is None:
+            try:
+                self.prepare(video)
+            except Exception as exc:  # noqa: BLE001  any failure of the family's preprocessing
+                error = f"cannot preprocess frames: {type(exc).__name__}: {str(exc)[:200]}"
+                video.error = error
+        return error
 
     def prepare(self, video: Video) -> VideoInput:
         """The family's input for `video`, made once while the video is in use."""
@@ -112,6 +128,7 @@ def pair_losses(loss_cfg, logps: torch.Tensor, lengths: torch.Tensor,
         loss_type=loss_cfg.type, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
         simpo_gamma=loss_cfg.simpo_gamma, chosen_lengths=lengths[0::2],
         rejected_lengths=lengths[1::2], nll_weight=loss_cfg.nll_weight,
+        ipo_form=loss_cfg.ipo_form,
     )
 
 
@@ -137,12 +154,12 @@ class StepPrefetcher:
 
     def __init__(self, stream, pairs_per_step: int, rank: int, world: int,
                  decode_threads: int, rejects: Rejects, steps: int, batcher: Batcher,
-                 micro_batch_pairs: int):
+                 micro_batch_pairs: int, ref_table=None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.args = (stream, pairs_per_step, rank, world)
         self.rejects, self.remaining, self.batcher = rejects, steps, batcher
-        self.micro = micro_batch_pairs
+        self.micro, self.ref_table = micro_batch_pairs, ref_table
         self.decoder = ThreadPoolExecutor(max(1, decode_threads))
         self.loader = ThreadPoolExecutor(1)
         self.pending = self._submit()
@@ -152,27 +169,20 @@ class StepPrefetcher:
         self.remaining -= 1
         return self.loader.submit(self._load) if self.remaining >= 0 else None
 
-    def _decode(self, video: Video) -> str | None:
-        error = video.decode_error()
-        if error is None:
-            try:
-                self.batcher.prepare(video)
-            except Exception as exc:  # noqa: BLE001  a property of the video, alike on every rank
-                error = f"cannot preprocess frames: {type(exc).__name__}: {str(exc)[:200]}"
-                video.error = error
-        return error
-
     def _load(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:
         stream = self.args[0]
         pairs = step_pairs(*self.args)
         videos = list({id(p.video): p.video for p in pairs}.values())
-        errors = dict(zip(map(id, videos), self.decoder.map(self._decode, videos), strict=True))
+        errors = dict(zip(map(id, videos), self.decoder.map(self.batcher.check_video, videos),
+                          strict=True))
         # A pair whose frames do not decode, or whose text cannot be encoded or fit, keeps its
         # slot (every rank runs the same number of forwards) but is rejected and weighs nothing.
         for pair in pairs:
             if not pair.valid:  # the loader already rejected it (an unreadable sample)
                 continue
             error = errors[id(pair.video)] or self.batcher.encode(pair)
+            if error is None and self.ref_table is not None:
+                error = attach_ref(pair, self.ref_table)
             if error is not None:
                 pair.valid = False
                 self.rejects.add(f"{pair.video.key}/{pair.id}", error)
@@ -189,6 +199,38 @@ class StepPrefetcher:
     def close(self) -> None:
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.decoder.shutdown(wait=True)
+
+
+def attach_ref(pair: Pair, ref_table) -> str | None:
+    """Put the pair's precomputed reference log-probs on it; why there are none, or None."""
+    found = ref_table.lookup(pair)
+    if isinstance(found, str):
+        return found
+    pair.ref = found
+    return None
+
+
+def ref_logps_of(pairs: list[Pair], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Precomputed reference log-probs of a micro-batch, interleaved like the model's output
+    (2i chosen, 2i+1 rejected), made on the step's device; 0 for pairs of weight 0."""
+    values = [v for p in pairs for v in (p.ref if p.valid and p.ref is not None else (0.0, 0.0))]
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The largest peak memory of any rank so far, in MiB: resident set size (the process's
+    high-water mark) and, on a GPU, allocated device memory. One small all-reduce."""
+    import resource
+
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+    if device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out = {"memory/peak_rss_mib": float(t[0])}
+    if device.type == "cuda":
+        out["memory/peak_gpu_mib"] = float(t[1])
+    return out
 
 
 def count_valid(pairs: list[Pair], device: torch.device) -> int:
@@ -233,7 +275,8 @@ def reduce_step_metrics(sums: dict, valid_pairs: int, device: torch.device) -> d
 
 @torch.no_grad()
 def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], cfg, rank: int,
-             world: int, out_dir: Path | None, device: torch.device, dtype: torch.dtype) -> dict:
+             world: int, out_dir: Path | None, device: torch.device, dtype: torch.dtype,
+             ref_table=None) -> dict:
     """Reward accuracy and margin on each named set of shards, spread over all ranks.
 
     Each rank runs the same number of forwards (the pair list is padded with repeats that are
@@ -248,7 +291,7 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
         # Decoding and encoding are deterministic, so every rank drops the same pairs here.
         pairs = []
         for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None)):
-            if batcher.encode(p) is None:
+            if batcher.encode(p) is None and (ref_table is None or attach_ref(p, ref_table) is None):
                 pairs.append(p)
             p.video.release()
         if not pairs:
@@ -262,7 +305,8 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
             for pair in chunk:
                 pair.video.release()
             logps, lengths = engine(**batch_inputs(batch))
-            ref = ref_engine(**batch_inputs(batch))[0] if ref_engine is not None else None
+            ref = (ref_engine(**batch_inputs(batch))[0] if ref_engine is not None
+                   else ref_logps_of(chunk, device, logps.dtype) if ref_table is not None else None)
             _, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref)
             table[start:start + m] = torch.stack(
                 [chosen_r, rejected_r, logps[0::2], logps[1::2]], dim=1).double()

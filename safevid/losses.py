@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo")
+IPO_FORMS = ("mean", "sum")
 _REFERENCE_FREE = ("simpo",)
 _SMOOTHED = ("sigmoid", "cdpo", "robust", "simpo")
 
@@ -51,20 +52,27 @@ def preference_loss(
     chosen_lengths: Lengths = None,
     rejected_lengths: Lengths = None,
     nll_weight: float = 0.0,
+    ipo_form: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference loss and implicit rewards.
 
     loss_type:
-        sigmoid: DPO (Rafailov et al., 2023), with optional label smoothing as in cDPO:
+        sigmoid: DPO (Rafailov et al., 2023, eq. 7), with optional label smoothing as in cDPO:
             L = -(1 - eps) log sigma(beta z) - eps log sigma(-beta z); eps = 0 is plain DPO.
         cdpo: conservative DPO (Mitchell, 2023), the same formula, eps being the assumed rate
             of flipped preference labels.
         robust: provably robust DPO (Chowdhury et al., 2024), unbiased under label noise eps:
             L = [-(1 - eps) log sigma(beta z) + eps log sigma(-beta z)] / (1 - 2 eps), eps < 0.5.
-        ipo: IPO (Azar et al., 2023), a squared loss regressing the margin to 1 / (2 beta):
-            L = (z - 1 / (2 beta))^2.
-        hinge: SLiC-HF hinge (Zhao et al., 2023): L = max(0, 1 - beta z).
-        simpo: SimPO (Meng et al., 2024), reference-free and length-normalised:
+        ipo: IPO (Azar et al., 2023, eq. 17: the empirical IPO loss), a squared loss
+            regressing the log-ratio margin to 1 / (2 beta). ``ipo_form`` says which margin:
+            mean (default, as the authors ran it and as TRL does): the per-token mean
+                z_mean = (pi_c - ref_c) / |y_c| - (pi_r - ref_r) / |y_r|,
+                L = (z_mean - 1 / (2 beta))^2; both lengths are required;
+            sum: the summed log-ratio, L = (z - 1 / (2 beta))^2, which weighs long answers
+                more (the literal reading of eq. 17 with sequence log-probs).
+        hinge: SLiC-HF's rank calibration loss (Zhao et al., 2023, sec. 2) on the DPO
+            margin: L = max(0, 1 - beta z).
+        simpo: SimPO (Meng et al., 2024, eq. 6), reference-free and length-normalised:
             m = beta (pi_c / |y_c| - pi_r / |y_r|) - gamma,
             L = -(1 - eps) log sigma(m) - eps log sigma(-m), with gamma = ``simpo_gamma``.
             ``ref_*`` may be None; both lengths are required.
@@ -90,6 +98,8 @@ def preference_loss(
         raise ValueError(f"label_smoothing has no meaning for {loss_type}; set it to 0")
     if nll_weight < 0:
         raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+    if ipo_form not in IPO_FORMS:
+        raise ValueError(f"ipo_form must be one of {', '.join(IPO_FORMS)}, got {ipo_form!r}")
 
     pi_c, pi_r = policy_chosen_logps, policy_rejected_logps
     if loss_type == "simpo":
@@ -110,6 +120,10 @@ def preference_loss(
             losses = (
                 -(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)
             ) / (1 - 2 * eps)
+        elif loss_type == "ipo" and ipo_form == "mean":
+            len_c = _lengths(chosen_lengths, pi_c, "chosen_lengths", "for the mean IPO form")
+            len_r = _lengths(rejected_lengths, pi_r, "rejected_lengths", "for the mean IPO form")
+            losses = (chosen_ratio / len_c - rejected_ratio / len_r - 1 / (2 * beta)) ** 2
         elif loss_type == "ipo":
             losses = (z - 1 / (2 * beta)) ** 2
         else:  # hinge

@@ -8,25 +8,14 @@ export. The launcher starts one such process per device.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import os
-import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from safevid.config import (
-    ConfigError,
-    check_lengths,
-    check_world_size,
-    load_config,
-    resolve_path,
-    save_config,
-)
-from safevid.distributed import prepare_env
-
-DEFAULT_CONFIG = "configs/demo.yaml"
+from safevid.config import check_world_size, save_config
+from safevid.rank import DEFAULT_CONFIG, config_args, run_rank
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -35,62 +24,15 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = p.parse_args(argv)
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `safevid train key=value` uses the default config
-        config, overrides = None, [config, *overrides]
-    return str(resolve_path(config or DEFAULT_CONFIG)), overrides
+    return config_args(args.config, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"safevid train: config error: {exc}", file=sys.stderr)
-        return 2
-    prepare_env()
-    from safevid.checkpoint import CheckpointError
-    from safevid.data.stream import DataError
-
-    where = f"rank {os.environ.get('RANK', '0')} on {socket.gethostname()}"
-    try:
-        rc = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        # The same input gives every rank the same error: one line from the first rank says it.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"safevid train: error: {exc}", file=sys.stderr, flush=True)
-        _exit_now(2)
-    except BaseException as exc:  # noqa: BLE001  a failed rank must end, never hang the job
-        traceback.print_exc()
-        first = (str(exc).splitlines() or [""])[0]
-        print(f"safevid train: {where} failed: {type(exc).__name__}: {first}"
-              f" (a collective that failed or timed out after train.collective_timeout_s="
-              f"{cfg.train.collective_timeout_s:g}s means another rank died or hung)",
-              file=sys.stderr, flush=True)
-        _exit_now(1)
-    from safevid.distributed import shutdown
-    from safevid.lifecycle import ignore_stop_signals
-
-    shutdown()
-    # The launcher repeats a stop signal until the ranks have exited; at interpreter exit
-    # Python would put back the default action, which for SIGUSR1 is to die.
-    ignore_stop_signals()
-    return rc
-
-
-def _exit_now(code: int) -> None:
-    """End a failed rank at once: a normal interpreter exit would join prefetch threads and
-    tear down a process group whose peers may be gone, and can hang or abort on the way."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    config, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    return run_rank("safevid train", config, overrides, train)
 
 
 def train(cfg) -> int:
-    import warnings
-
-    # DeepSpeed calls collectives that torch has renamed; the notice says nothing to a user.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -98,9 +40,11 @@ def train(cfg) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from safevid import checkpoint, distributed
+    from safevid import engine as setup_mod
+    from safevid.config import reporters
     from safevid.data.collate import batch_inputs
     from safevid.data.indexed import IndexedStream
-    from safevid.data.stream import PairStream, expand_shards
+    from safevid.data.stream import PairStream
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import (
@@ -110,83 +54,72 @@ def train(cfg) -> int:
         count_valid,
         evaluate,
         pair_losses,
+        peak_memory,
         reduce_step_metrics,
+        ref_logps_of,
     )
     from safevid.export import export_hf
     from safevid.lifecycle import StopRequest, clear_stop_file, fault_delay, write_stop_file
     from safevid.losses import needs_reference
     from safevid.metrics import MetricsLog
-    from safevid.models import attention
-    from safevid.models.dpo_model import freeze, load, load_family
+    from safevid.models.dpo_model import freeze, load
     from safevid.optim import build_optimizer, build_scheduler
+    from safevid.reference import RefTable, fingerprint
+    from safevid.report import Reporters, check_available
 
     # ---- config, process group, output directory -------------------------------------------
     if cfg.demo.build:
         ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
-    mix = [(m.name or f"mix{i}", expand_shards(m.shards, f"data.mix[{i}].shards"), m.weight)
-           for i, m in enumerate(cfg.data.mix)]
-    train_urls = ([u for _, urls, _ in mix for u in urls] if mix
-                  else expand_shards(cfg.data.shards, "data.shards"))
-    eval_urls = expand_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    check_available(reporters(cfg))
+    mix, train_urls, eval_urls = data_sets(cfg)
+    # The config as given is what a checkpoint records and config.yaml keeps (train.epochs,
+    # not the steps it came to, so that the saved file loads again).
+    config_record = config_dict(cfg)
+    given = copy.deepcopy(cfg)
+    epochs_note = resolve_run_length(cfg, train_urls)
     stop = StopRequest()  # before the process group: a signal during start-up is kept too
     rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
     micro_steps = check_world_size(cfg, world)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    config_record = config_dict(cfg)
-    resume = checkpoint.decide_resume(ckpt_dir, config_record, rank)
+    resume = checkpoint.decide_resume(ckpt_dir, config_record, rank, cfg.train.resume_from)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(given, out / "config.yaml")
         clear_stop_file(out)
     if resume is not None and resume.world_size != world:
         checkpoint.prepare_universal(resume, world, rank)
     dist.barrier()
 
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.model.dtype)
-    if dtype is None:  # auto
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16_ok else torch.float32
-
-    # ---- DeepSpeed config: ZeRO settings from the JSON, batch geometry from our config ----
-    ds = json.loads(resolve_path(cfg.train.deepspeed_config).read_text())
-    ds.update(
-        train_micro_batch_size_per_gpu=cfg.train.micro_batch_pairs,
-        gradient_accumulation_steps=micro_steps,
-        train_batch_size=cfg.train.pairs_per_step,
-        gradient_clipping=cfg.train.max_grad_norm,
-        zero_allow_untested_optimizer=True,
-        steps_per_print=10**9,
-        bf16={"enabled": dtype == torch.bfloat16},
-        fp16={"enabled": dtype == torch.float16},
-    )
-    ds.setdefault("wall_clock_breakdown", False)
+    setup = setup_mod.prepare(cfg, micro_steps, world)
+    device, dtype, family, backend, ds = setup.device, setup.dtype, setup.family, setup.backend, setup.ds
     ds_hf = HfDeepSpeedConfig(ds)  # noqa: F841  keeps from_pretrained partitioning under ZeRO-3
     # Optimizer states written by another world size load through DeepSpeed's universal format.
     policy_ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal":
                                       resume is not None and resume.world_size != world}}
+    precomputed = cfg.train.reference == "precomputed"
+    layout_name = Batcher.layout_of(cfg.data).name
+    ref_table = None
+    if precomputed:
+        # Checked before any weight is read: a run that cannot use the files ends at once.
+        def check_ref_files() -> RefTable:
+            fp = fingerprint(cfg, family.name, str(dtype).removeprefix("torch."), layout_name,
+                             backend)
+            return RefTable.load(list(dict.fromkeys(train_urls + eval_urls)), fp,
+                                 cfg.train.ref_logps_dir)
+
+        ref_table = distributed.from_first_rank(check_ref_files, rank)
 
     # ---- models: trainable policy, frozen reference (none for reference-free losses) ------
-    # Family, attention backend and lengths are settled before any weight is read, the same
-    # way on every rank (a refusal is a ConfigError on all of them).
-    try:
-        family = load_family(cfg.model.name_or_path, cfg.model.family, cfg.model.trust_remote_code)
-        backend = attention.choose(cfg.model.attention, device, cfg.data.shared_prefix)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    cfg.data.max_length = check_lengths(cfg, family.context_window())
     torch.manual_seed(cfg.train.seed)
-    load_args = dict(name_or_path=cfg.model.name_or_path, dtype=dtype,
-                     fused=cfg.train.fused_logprobs, family=family.name, backend=backend,
-                     trust_remote_code=cfg.model.trust_remote_code)
-    policy = load(**load_args)
+    policy = load(name_or_path=cfg.model.name_or_path, **setup.load_args)
     freeze(policy, cfg.model.freeze_vision, cfg.model.freeze_projector)
     if cfg.train.gradient_checkpointing:
         policy.model.hf.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
-    deepspeed.zero.register_external_parameter(policy.model.head, policy.model.hf.lm_head.weight)
+    if setup.zero_stage >= 3:
+        deepspeed.zero.register_external_parameter(policy.model.head, policy.model.hf.lm_head.weight)
     engine, *_ = deepspeed.initialize(
         model=policy.model, model_parameters=trainable, config=policy_ds,
         optimizer=build_optimizer(trainable, cfg.train, fused=device.type == "cuda"),
@@ -194,24 +127,25 @@ def train(cfg) -> int:
     )
     _write_partition_stats(engine, out / f"zero_partition_rank{rank}.json")
     ref_engine = None
-    if needs_reference(cfg.loss.type):
-        ref = load(**load_args)
-        ref.model.requires_grad_(False)
-        deepspeed.zero.register_external_parameter(ref.model.head, ref.model.hf.lm_head.weight)
-        ref_engine, *_ = deepspeed.initialize(model=ref.model, config=ds)
-        ref_engine.eval()
+    if needs_reference(cfg.loss.type) and not precomputed:
+        ref_engine, _ = setup_mod.build_reference(cfg, setup)
 
     batcher = Batcher(policy, cfg.data)
     if rank == 0:
-        ref_desc = cfg.model.name_or_path if ref_engine is not None else f"none ({cfg.loss.type})"
+        ref_desc = (f"none ({cfg.loss.type})" if not needs_reference(cfg.loss.type)
+                    else "precomputed log-probs" if precomputed
+                    else cfg.model.ref_name_or_path or f"{cfg.model.name_or_path} (initial weights)")
         print(f"safevid: policy {cfg.model.name_or_path}, reference: {ref_desc}, world {world}, "
-              f"{str(dtype).removeprefix('torch.')}, {cfg.train.pairs_per_step} pairs/step in "
-              f"{micro_steps} micro-steps of {cfg.train.micro_batch_pairs} per rank, "
+              f"{str(dtype).removeprefix('torch.')}, ZeRO stage {setup.zero_stage}, "
+              f"{cfg.train.pairs_per_step} pairs/step in {micro_steps} micro-steps of "
+              f"{cfg.train.micro_batch_pairs} per rank, "
               f"{'fused' if cfg.train.fused_logprobs else 'plain'} log-probs", file=sys.stderr)
         print(f"safevid: family {family.name}, layout {batcher.layout.name}"
               f"{' (rows packed)' if cfg.data.shared_prefix and cfg.data.packing else ''}, "
               f"attention {backend} on {device.type}, max_length {cfg.data.max_length}, "
               f"{cfg.data.max_tokens_per_row} tokens per row", file=sys.stderr)
+        if epochs_note:
+            print(f"safevid: {epochs_note}", file=sys.stderr)
 
     # ---- resume ---------------------------------------------------------------------------
     start_step, position = checkpoint.load(engine, resume, rank) if resume else (0, (0, 0))
@@ -231,14 +165,16 @@ def train(cfg) -> int:
     prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world,
                               cfg.data.decode_threads, Rejects(out / "rejects.jsonl"),
                               steps=cfg.train.max_steps - start_step, batcher=batcher,
-                              micro_batch_pairs=cfg.train.micro_batch_pairs)
+                              micro_batch_pairs=cfg.train.micro_batch_pairs, ref_table=ref_table)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
+    report = Reporters(reporters(cfg), out, start_step, config_record) if rank == 0 else None
 
     def run_eval(step: int) -> dict:
         sets = {"heldout": eval_urls, "train": train_urls}
         fault_delay("eval")
         return evaluate(engine, ref_engine, batcher, sets, cfg, rank, world,
-                        out if rank == 0 and step == cfg.train.max_steps else None, device, dtype)
+                        out if rank == 0 and step == cfg.train.max_steps else None, device, dtype,
+                        ref_table)
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, position, rank, world,
@@ -270,6 +206,8 @@ def train(cfg) -> int:
             if ref_engine is not None:
                 with torch.no_grad():
                     ref_logps, _ = ref_engine(**batch_inputs(batch))
+            elif precomputed:
+                ref_logps = ref_logps_of(chunk, device, logps.dtype)
             losses, chosen_r, rejected_r = pair_losses(cfg.loss, logps, lengths, ref_logps)
             engine.backward((losses * weight).sum() * scale)
             engine.step()
@@ -284,7 +222,9 @@ def train(cfg) -> int:
         record.update(
             step=step, lr=lr, pairs=valid,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
-            tokens_per_s=record["tokens"] / elapsed, elapsed_s=time.perf_counter() - t_start,
+            tokens_per_s=record["tokens"] / elapsed, pairs_per_s=valid / elapsed,
+            step_s=elapsed, elapsed_s=time.perf_counter() - t_start,
+            **peak_memory(device),
         )
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             record.update(run_eval(step))
@@ -292,11 +232,15 @@ def train(cfg) -> int:
             record.update(run_eval(step))
         if rank == 0:
             log.write(record)
+            report.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
             bar.update(1)
         saved = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps
         if saved:
             save(step)
+        if cfg.train.export_every and step % cfg.train.export_every == 0:
+            export_hf(policy, out / "exports" / checkpoint.tag_for(step), rank,
+                      cfg.model.name_or_path)
         # One collective per step: every rank learns whether any rank was asked to stop, so
         # all of them stop after this same step (a run at its last step just finishes).
         if step < cfg.train.max_steps and (stopped_by := stop.agreed(device)):
@@ -305,6 +249,8 @@ def train(cfg) -> int:
             break
     bar.close()
     prefetch.close()
+    if report is not None:
+        report.close()
     if stopped_by:
         if rank == 0:
             write_stop_file(out, step, stopped_by)
@@ -321,6 +267,33 @@ def train(cfg) -> int:
         _summary(out, rejects.count)
     dist.barrier()
     return 0
+
+
+def data_sets(cfg) -> tuple[list, list[str], list[str]]:
+    """(mixture sources, training shards, evaluation shards) from the config."""
+    from safevid.data.stream import expand_shards
+
+    mix = [(m.name or f"mix{i}", expand_shards(m.shards, f"data.mix[{i}].shards"), m.weight)
+           for i, m in enumerate(cfg.data.mix)]
+    train_urls = ([u for _, urls, _ in mix for u in urls] if mix
+                  else expand_shards(cfg.data.shards, "data.shards"))
+    eval_urls = expand_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    return mix, train_urls, eval_urls
+
+
+def resolve_run_length(cfg, train_urls: list[str]) -> str:
+    """Set `train.max_steps` from `train.epochs` (over every training pair, all mixture
+    sources together); a note saying so, or "" when max_steps was given."""
+    import math
+
+    from safevid.data.indexed import load_index
+
+    if cfg.train.max_steps:
+        return ""
+    pairs = sum(r.pairs for r in load_index(train_urls))
+    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * pairs / cfg.train.pairs_per_step))
+    return (f"train.epochs={cfg.train.epochs:g} over {pairs} pairs at {cfg.train.pairs_per_step} "
+            f"per step: {cfg.train.max_steps} steps")
 
 
 def config_dict(cfg) -> dict:

@@ -2,6 +2,8 @@
 # DPO training: `sbatch [-N NODES] slurm/train_dpo.sh CONFIG [key=value ...]` on a cluster, or
 # `bash slurm/train_dpo.sh [CONFIG] [key=value ...]` on this machine (CONFIG defaults to
 # configs/demo.yaml; all local GPUs, or NPROC_PER_NODE CPU processes, default 2).
+# SAFEVID_COMMAND=precompute-ref runs `safevid precompute-ref` the same way (the reference
+# log-probs for train.reference=precomputed) instead of training.
 #
 # Edit these defaults for your cluster (command-line sbatch options override them):
 #SBATCH --job-name=safevid-dpo
@@ -43,7 +45,7 @@ if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
 export PYTHONFAULTHANDLER=1
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
-  exec "$py" -m safevid.launcher "$config" "$@"
+  exec "$py" -m safevid.launcher --command "${SAFEVID_COMMAND:-train}" "$config" "$@"
 fi
 
 echo "train_dpo.sh: job ${SLURM_JOB_ID} on ${SLURM_JOB_NUM_NODES:-1} node(s) ${SLURM_JOB_NODELIST:-}," \
@@ -54,7 +56,7 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then srun_args+=(--cpus-per-task="$SLURM_C
 
 # srun runs in the background so that this shell can pass Slurm's warning signal on to it (srun
 # forwards it to every node's launcher, which forwards it to the ranks).
-srun "${srun_args[@]}" "$py" -m safevid.launcher "$config" "$@" &
+srun "${srun_args[@]}" "$py" -m safevid.launcher --command "${SAFEVID_COMMAND:-train}" "$config" "$@" &
 launcher=$!
 forward() {
   echo "train_dpo.sh: stop requested: the ranks checkpoint and stop after their current step" >&2

@@ -21,7 +21,9 @@ def formula(kind: str, pc, pr, rc, rr, eps: float, len_c=None, len_r=None, beta=
         return -(1 - eps) * log_sigmoid(beta * z) - eps * log_sigmoid(-beta * z)
     if kind == "robust":
         return (-(1 - eps) * log_sigmoid(beta * z) + eps * log_sigmoid(-beta * z)) / (1 - 2 * eps)
-    if kind == "ipo":
+    if kind == "ipo":  # the mean form: per-token mean log-ratios
+        return ((pc - rc) / len_c - (pr - rr) / len_r - 1 / (2 * beta)) ** 2
+    if kind == "ipo_sum":
         return (z - 1 / (2 * beta)) ** 2
     if kind == "hinge":
         return torch.clamp(1 - beta * z, min=0)
@@ -161,3 +163,20 @@ def test_reward_metrics():
     torch.testing.assert_close(metrics["rewards/accuracy"], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(metrics["rewards/margin"], torch.tensor([1.0, -1.0, 0.0]))
     assert not any(t.requires_grad for t in metrics.values())
+
+
+def test_ipo_mean_and_sum_forms():
+    """The default IPO is the per-token mean form; the summed form stays available. Different
+    answer lengths tell them apart (a mean form that forgets to divide fails here)."""
+    pc, pr, rc, rr, len_c, len_r = _pairs()
+    assert not torch.equal(len_c, len_r)
+    mean, _, _ = preference_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=len_c,
+                                 rejected_lengths=len_r)
+    torch.testing.assert_close(mean, formula("ipo", pc, pr, rc, rr, 0.0, len_c, len_r))
+    summed, _, _ = preference_loss(pc, pr, rc, rr, loss_type="ipo", ipo_form="sum")
+    torch.testing.assert_close(summed, formula("ipo_sum", pc, pr, rc, rr, 0.0))
+    assert not torch.allclose(mean, summed)
+    with pytest.raises(ValueError, match="rejected_lengths is required for the mean IPO form"):
+        preference_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=len_c)
+    with pytest.raises(ValueError, match="ipo_form must be one of mean, sum"):
+        preference_loss(pc, pr, rc, rr, loss_type="ipo", ipo_form="avg")

@@ -254,6 +254,13 @@ def test_kill_and_resume_reproduces_run(short_w2, demo_assets, tmp_path):
     assert not (out / "hf").exists()
     run_train(out, demo_assets, world=2, extra=SHORT)
     assert_same_training(out, short_w2, tol=1e-6, atol=1e-6, rtol=1e-6)
+    # TensorBoard, like metrics.jsonl, shows each step once: the redone steps' first events
+    # are purged on resume.
+    from safevid.report import read_tensorboard
+
+    losses = read_tensorboard(out)["loss"]
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    assert [v for _, v in losses] == pytest.approx([r["loss"] for r in _rows(out)], rel=1e-6)
 
 
 def test_exported_model_loads_with_plain_transformers(long_run, demo_assets):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,59 @@ def load_index(urls: list[str], rejects: Rejects | None = None) -> list[SampleRe
                 refs.append(SampleRef(url, key, tuple(e["json"]) if e["json"] else None,
                                       tuple(tuple(j) for j in e["jpg"]), int(e["pairs"])))
     return refs
+
+
+def read_sample(ref: SampleRef, rejects: Rejects) -> Video | None:
+    """A sample by two seeks into its shard; None (rejected by shard and key) if unreadable."""
+    try:
+        if ref.json is None:
+            raise ValueError("sample has no JSON member")
+        with open(ref.shard, "rb") as f:
+            f.seek(ref.json[0])
+            raw = f.read(ref.json[1])
+            if len(raw) != ref.json[1]:
+                raise ValueError("truncated JSON member")
+            meta = json.loads(raw)
+            jpegs = []
+            for off, size in ref.jpgs:
+                f.seek(off)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError("truncated frame member")
+                jpegs.append(data)
+        if not jpegs or not isinstance(meta, dict) or not isinstance(meta.get("pairs"), list):
+            raise ValueError("sample has no frames or no 'pairs' list")
+        return Video(ref.key, meta, jpegs, shard=ref.shard)
+    except (OSError, ValueError) as exc:
+        rejects.add(f"{ref.shard}:{ref.key}", f"unreadable sample: {exc}")
+        return None
+
+
+def make_pair(ref: SampleRef, video: Video | None, p: int, source: str, rejects: Rejects) -> Pair:
+    """Pair `p` of a sample; one that cannot be used keeps its slot as an invalid stand-in
+    (every rank runs the same forwards) and weighs 0."""
+    record = video.meta["pairs"][p] if video is not None and p < len(video.meta["pairs"]) else None
+    fields = record if isinstance(record, dict) else {}
+    missing = [k for k in PAIR_FIELDS if not isinstance(fields.get(k), str) or not fields.get(k)]
+    if video is None or missing:
+        if video is not None:
+            rejects.add(f"{ref.key}/pairs[{p}]", f"missing or empty fields: {missing}")
+        stand_in = video or Video(ref.key, {}, [b""] * max(1, len(ref.jpgs)),
+                                  error="unreadable sample", shard=ref.shard)
+        pair = Pair(f"{ref.key}/{p}", ".", ".", ".", stand_in, index=p)
+        pair.valid = False
+        return pair
+    return Pair(fields["id"], fields["prompt"], fields["chosen"], fields["rejected"], video,
+                fields.get("category", ""), fields.get("query_type", ""), source=source, index=p)
+
+
+def shard_pairs(url: str, rejects: Rejects) -> Iterator[Pair]:
+    """Every pair slot of one shard in index order, one sample in memory at a time: the
+    same pairs, ids and validity decisions as training draws from it."""
+    for ref in load_index([url]):
+        video = read_sample(ref, rejects)
+        for p in range(ref.pairs):
+            yield make_pair(ref, video, p, "", rejects)
 
 
 @dataclass(frozen=True)
@@ -202,50 +256,13 @@ class IndexedStream:
         """The sample, from this rank's cache or two seeks into its shard."""
         key = (source, i)
         if key not in self._videos:
-            ref = self.order.sources[source].refs[i]
-            try:
-                if ref.json is None:
-                    raise ValueError("sample has no JSON member")
-                with open(ref.shard, "rb") as f:
-                    f.seek(ref.json[0])
-                    raw = f.read(ref.json[1])
-                    if len(raw) != ref.json[1]:
-                        raise ValueError("truncated JSON member")
-                    meta = json.loads(raw)
-                    jpegs = []
-                    for off, size in ref.jpgs:
-                        f.seek(off)
-                        data = f.read(size)
-                        if len(data) != size:
-                            raise ValueError("truncated frame member")
-                        jpegs.append(data)
-                if not jpegs or not isinstance(meta, dict) or not isinstance(meta.get("pairs"), list):
-                    raise ValueError("sample has no frames or no 'pairs' list")
-                self._videos[key] = Video(ref.key, meta, jpegs)
-            except (OSError, ValueError) as exc:
-                self.rejects.add(f"{ref.shard}:{ref.key}", f"unreadable sample: {exc}")
-                self._videos[key] = None
+            self._videos[key] = read_sample(self.order.sources[source].refs[i], self.rejects)
         self._window[key] = self.next_step
         return self._videos[key]
 
     def _pair(self, source: int, i: int, p: int) -> Pair:
-        ref = self.order.sources[source].refs[i]
-        video = self._read(source, i)
-        record = video.meta["pairs"][p] if video is not None and p < len(video.meta["pairs"]) else None
-        fields = record if isinstance(record, dict) else {}
-        missing = [k for k in PAIR_FIELDS if not isinstance(fields.get(k), str) or not fields.get(k)]
-        if video is None or missing:
-            if video is not None:
-                self.rejects.add(f"{ref.key}/pairs[{p}]", f"missing or empty fields: {missing}")
-            # Its slot stays (every rank runs the same forwards) with weight 0.
-            stand_in = video or Video(ref.key, {}, [b""] * max(1, len(ref.jpgs)),
-                                      error="unreadable sample")
-            pair = Pair(f"{ref.key}/{p}", ".", ".", ".", stand_in)
-            pair.valid = False
-            return pair
-        return Pair(fields["id"], fields["prompt"], fields["chosen"], fields["rejected"], video,
-                    fields.get("category", ""), fields.get("query_type", ""),
-                    source=self.order.sources[source].name)
+        src = self.order.sources[source]
+        return make_pair(src.refs[i], self._read(source, i), p, src.name, self.rejects)
 
     def step_pairs(self, rank: int, world: int) -> list[Pair]:
         """This rank's contiguous share of the next step (reading only those samples)."""

@@ -33,6 +33,7 @@ class Video:
     error: str | None = None  # set once decoding has failed
     _frames: np.ndarray | None = field(default=None, repr=False)
     prepared: object = field(default=None, repr=False)  # the family's VideoInput, while in use
+    shard: str = ""  # the shard it was read from
 
     def frames(self) -> np.ndarray:
         """uint8 [F, H, W, 3], decoded once while in use (see `release`).
@@ -81,6 +82,9 @@ class Pair:
     valid: bool = True  # False when its frames or text cannot be used: weight 0 in the loss
     encoded: object = None  # its token ids (collate.EncodedPair), made once, off the train thread
     source: str = ""  # the data.mix source it came from
+    index: int = -1  # its place in the sample's pairs list (with video.shard and video.key:
+    # where it is, which is how precomputed reference log-probs are found)
+    ref: tuple[float, float] | None = None  # precomputed reference log-probs (chosen, rejected)
 
 
 def _split_patterns(spec: str) -> list[str]:
@@ -144,7 +148,8 @@ def iter_videos(urls: list[str], rejects: Rejects) -> Iterator[Video]:
         except (KeyError, ValueError) as exc:
             rejects.add(source, f"bad sample: {exc!r}")
             continue
-        yield Video(sample["__key__"], meta, [sample[n] for n in names])
+        yield Video(sample["__key__"], meta, [sample[n] for n in names],
+                    shard=sample.get("__url__", ""))
 
 
 def _reject_handler(exn: Exception, rejects: Rejects) -> bool:
@@ -159,7 +164,7 @@ def _pairs_of(video: Video, rejects: Rejects) -> Iterator[Pair]:
             rejects.add(f"{video.key}/pairs[{i}]", f"missing or empty fields: {missing}")
             continue
         yield Pair(p["id"], p["prompt"], p["chosen"], p["rejected"], video,
-                   p.get("category", ""), p.get("query_type", ""))
+                   p.get("category", ""), p.get("query_type", ""), index=i)
 
 
 class PairStream:

@@ -1,0 +1,153 @@
+"""The body of `safevid precompute-ref` (see safevid/reference.py): the reference model once
+over every training and evaluation shard, the shards split over ranks by pair count."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def precompute(cfg) -> int:
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from safevid import distributed
+    from safevid import engine as setup_mod
+    from safevid.config import ConfigError
+    from safevid.data.collate import batch_inputs
+    from safevid.data.indexed import load_index, shard_pairs
+    from safevid.data.stream import Pair, Video
+    from safevid.data_prep.rejects import Rejects
+    from safevid.demo_assets import ensure_demo_assets
+    from safevid.dpo import Batcher
+    from safevid.losses import needs_reference
+    from safevid.models.dpo_model import LoadedModel
+    from safevid.models.family import load_tokenizer
+    from safevid.reference import (
+        RefLogpsError,
+        RefTable,
+        fingerprint,
+        ref_file,
+        split_shards,
+        write_shard_file,
+    )
+    from safevid.train import data_sets
+
+    if not needs_reference(cfg.loss.type):
+        raise ConfigError(f"key 'loss.type': {cfg.loss.type} uses no reference model; there is "
+                          "nothing to precompute")
+    if cfg.demo.build:
+        ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
+    _, train_urls, eval_urls = data_sets(cfg)
+    urls = list(dict.fromkeys(train_urls + eval_urls))
+    rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
+    setup = setup_mod.prepare(cfg, 1, world)
+    ds_hf = HfDeepSpeedConfig(setup.ds)  # noqa: F841  partitioned loading under ZeRO-3
+    m = cfg.train.micro_batch_pairs
+    out = Path(cfg.output_dir)
+    layout = Batcher.layout_of(cfg.data).name
+    dtype_name = str(setup.dtype).removeprefix("torch.")
+
+    def plan() -> tuple[dict, dict[int, int], list[list[int]]]:
+        """Rank 0 decides for all: the fingerprint, which shards still need their file (a
+        complete, current file is kept: a rerun after a failure does only the rest), and
+        which rank does each."""
+        fp = fingerprint(cfg, setup.family.name, dtype_name, layout, setup.backend)
+        todo = []
+        for i, url in enumerate(urls):
+            try:
+                RefTable.load([url], fp, cfg.train.ref_logps_dir)
+            except RefLogpsError:
+                todo.append(i)
+        counts = [sum(r.pairs for r in load_index([urls[i]])) for i in todo]
+        parts = [[todo[j] for j in part] for part in split_shards(counts, world)]
+        return fp, dict(zip(todo, counts, strict=True)), parts
+
+    fp, counts, parts = distributed.from_first_rank(plan, rank)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    mine = parts[rank]
+    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters for each): the
+    # ranks with fewer pairs finish with stand-in micro-batches of weight 0.
+    steps = max(math.ceil(sum(counts[i] for i in part) / m) for part in parts)
+    if not any(parts):  # the same answer on every rank: it came from rank 0
+        if rank == 0:
+            print(f"safevid: the reference log-probs of all {len(urls)} shards are current; "
+                  "nothing to do", file=sys.stderr)
+        return 0
+    reference, loaded = setup_mod.build_reference(cfg, setup)
+    # Pairs are encoded with the policy's tokenizer and frame settings, as in training.
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    batcher = Batcher(LoadedModel(loaded.model, tokenizer, setup.family), cfg.data)
+    if rank == 0:
+        print(f"safevid: precomputing reference log-probs of {sum(counts.values())} pairs in "
+              f"{sum(map(len, parts))} of {len(urls)} shards ({len(urls) - sum(map(len, parts))} "
+              f"already done) on {world} ranks; reference "
+              f"{cfg.model.ref_name_or_path or cfg.model.name_or_path}, layout {layout}, "
+              f"attention {setup.backend}, {dtype_name}", file=sys.stderr)
+    rejects = Rejects(out / "rejects_precompute.jsonl")
+
+    def slots():
+        for i in mine:
+            for pair in shard_pairs(urls[i], rejects):
+                yield i, pair
+        pad = Video("padding", {}, [b""], error="padding")
+        while True:
+            yield None, Pair("padding", ".", ".", ".", pad, valid=False)
+
+    def build(chunk: list) -> tuple[list, object]:
+        for _, pair in chunk:
+            if not pair.valid:
+                continue
+            error = batcher.check_video(pair.video) or batcher.encode(pair)
+            if error is not None:
+                pair.valid = False
+                rejects.add(f"{pair.video.shard}:{pair.video.key}/{pair.id}", error)
+        batch = batcher([p for _, p in chunk])
+        for _, pair in chunk:
+            pair.video.release()
+        return chunk, batch
+
+    results: dict[int, dict[str, list]] = {i: {} for i in mine}
+    left = {i: counts[i] for i in mine}
+    it = slots()
+    pool = ThreadPoolExecutor(1)  # the next micro-batch is built while this one runs
+    pending = pool.submit(build, [next(it) for _ in range(m)])
+    bar = tqdm(total=steps, disable=rank != 0, desc="reference", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for step in range(steps):
+            chunk, batch = pending.result()
+            if step + 1 < steps:
+                pending = pool.submit(build, [next(it) for _ in range(m)])
+            logps, _ = reference(**batch_inputs(batch.to(setup.device, setup.dtype)))
+            values = logps.double().cpu().tolist()
+            for j, (shard, pair) in enumerate(chunk):
+                if shard is None:
+                    continue
+                entries = results[shard].setdefault(pair.video.key, [])
+                entries.extend([None] * (pair.index + 1 - len(entries)))
+                entries[pair.index] = ([pair.id, values[2 * j], values[2 * j + 1]]
+                                       if pair.valid else None)
+                left[shard] -= 1
+                if left[shard] == 0:  # the shard is whole: its file, written then renamed
+                    write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp,
+                                     urls[shard], results.pop(shard))
+            bar.update(1)
+    pool.shutdown()
+    bar.close()
+    # Shards with no pairs at all (every sample unreadable) still get their file.
+    for shard in list(results):
+        write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp, urls[shard],
+                         results.pop(shard))
+    dist.barrier()
+    if rank == 0:
+        print(f"safevid: reference log-probs written for {sum(map(len, parts))} shards in "
+              f"{time.perf_counter() - t0:.1f}s ({rejects.count} pairs rejected by this rank, "
+              f"see {out / 'rejects_precompute.jsonl'})", file=sys.stderr)
+    return 0
