@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_logprobs.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_layouts.py
+	$(BIN)/python benchmarks/bench_train.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -59,3 +59,15 @@ def launch_command(args: list[str], nproc: int | None = None,
     if nproc:
         cmd += ["--nproc-per-node", str(nproc)]
     return [*cmd, *args], launch_env(nproc or DEFAULT_CPU_PROCS)
+
+
+def cpu_job_env() -> dict[str, str]:
+    """This process's environment for a job of CPU ranks started from it (tests, benchmarks):
+    one thread per rank, since the ranks share the cores, and none of this process's own
+    rank variables, which would make the child join some other process group."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env

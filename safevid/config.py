@@ -74,10 +74,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    # Run length: train.max_steps optimizer steps, or train.epochs passes over the training
-    # pairs (ceil(epochs x pairs / pairs_per_step) steps). Exactly one of them is set.
+    # Run length, as in transformers' Trainer: train.max_steps optimizer steps when > 0, else
+    # train.epochs passes over the training pairs (ceil(epochs x pairs / pairs_per_step) steps).
     max_steps: int = 0
-    epochs: float = 0.0
+    epochs: float = 1.0
     pairs_per_step: int = 16  # global, whatever the world size
     micro_batch_pairs: int = 4  # per rank per forward
     lr: float = 5e-7
@@ -189,9 +189,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0"),
         (cfg.train.epochs >= 0, "train.epochs", "must be >= 0"),
-        ((cfg.train.max_steps > 0) != (cfg.train.epochs > 0), "train.max_steps",
-         "set exactly one of train.max_steps and train.epochs (the other 0), now "
-         f"max_steps={cfg.train.max_steps}, epochs={cfg.train.epochs:g}"),
+        (cfg.train.max_steps > 0 or cfg.train.epochs > 0, "train.max_steps",
+         "set train.max_steps or train.epochs (both are 0)"),
         (cfg.train.export_every >= 0, "train.export_every", "must be >= 0"),
         (cfg.train.reference in ("live", "precomputed"), "train.reference",
          "must be live or precomputed"),
@@ -269,10 +268,15 @@ def check_lengths(cfg: Config, context_window: int) -> int:
     if d.max_prompt_length and d.max_prompt_length >= max_length:
         raise ConfigError(f"key 'data.max_prompt_length': {d.max_prompt_length} leaves no room for "
                           f"an answer within data.max_length={max_length}")
-    # A shared-prefix unit is prompt + chosen + rejected: at most 2 x max_length - 1 tokens.
-    unit = 2 * max_length - 1 if d.shared_prefix else max_length
+    # A shared-prefix unit is prompt + chosen + rejected, with prompt + answer <= max_length and
+    # each answer <= max_answer_tokens: at most max_length + min(max_answer_tokens,
+    # max_length - 1) tokens.
+    answer = min(d.max_answer_tokens, max_length - 1)
+    unit = max_length + answer if d.shared_prefix else max_length
     if unit > d.max_tokens_per_row:
-        what = "2 x data.max_length - 1 (a shared-prefix pair)" if d.shared_prefix else "data.max_length"
+        what = (f"data.max_length + {answer} (a shared-prefix pair: prompt and both answers, "
+                "each answer at most data.max_answer_tokens)" if d.shared_prefix
+                else "data.max_length")
         raise ConfigError(f"key 'data.max_tokens_per_row': {d.max_tokens_per_row} is under {what} = "
                           f"{unit}; raise it or set data.max_length (now {max_length}) lower")
     return max_length

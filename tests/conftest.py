@@ -22,12 +22,9 @@ def demo_assets(tmp_path_factory) -> Path:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    from safevid.launcher.local import cpu_job_env
+
+    return cpu_job_env()
 
 
 def train_command(world: int, overrides: list[str]) -> list[str]:

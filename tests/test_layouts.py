@@ -192,13 +192,18 @@ def test_answer_cut_to_the_length_rules_keeps_no_eos():
 
 def test_lengths_are_checked_against_the_model_and_the_rows():
     cfg = load_config(None, ["data.max_length=0", "data.max_tokens_per_row=8192"])
-    assert check_lengths(cfg, 4096) == 4096  # 0: the context window; 2 x 4096 - 1 fits 8192
+    assert check_lengths(cfg, 4096) == 4096  # 0: the context window; 4096 + 512 fits 8192
     cfg.data.max_length = 5000
     with pytest.raises(ConfigError, match="over the model's context window of 4096"):
         check_lengths(cfg, 4096)
+    cfg.data.max_length, cfg.data.max_tokens_per_row = 4096, 4607
+    with pytest.raises(ConfigError, match=r"data.max_tokens_per_row.*under data.max_length \+ 512"):
+        check_lengths(cfg, 4096)  # a unit may need 4096 + 512 (max_answer_tokens) tokens
+    cfg.data.max_tokens_per_row = 4608
+    assert check_lengths(cfg, 4096) == 4096
+    cfg.data.max_answer_tokens, cfg.data.max_length = 8000, 1000  # answers cut by max_length
+    assert check_lengths(cfg, 4096) == 1000 and 1000 + 999 <= cfg.data.max_tokens_per_row
     cfg.data.max_length, cfg.data.max_tokens_per_row = 4096, 4096
-    with pytest.raises(ConfigError, match="data.max_tokens_per_row"):
-        check_lengths(cfg, 4096)
     cfg.data.shared_prefix = False
     assert check_lengths(cfg, 4096) == 4096
     cfg.data.max_prompt_length = 4096

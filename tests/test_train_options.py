@@ -25,8 +25,7 @@ from tests.test_lifecycle import assert_reproduces
     ("overrides", "key"),
     [
         (["train.epochs=-1", "train.max_steps=0"], "train.epochs"),
-        (["train.epochs=2"], "train.max_steps"),  # both set
-        (["train.max_steps=0"], "train.max_steps"),  # neither
+        (["train.max_steps=0", "train.epochs=0"], "train.max_steps"),  # neither
         (["train.export_every=-2"], "train.export_every"),
         (["train.reference=cached"], "train.reference"),
         (["train.reference=precomputed", "loss.type=simpo"], "train.reference"),
@@ -72,8 +71,9 @@ def test_epochs_set_the_number_of_steps(demo_assets):
     from safevid.data.indexed import load_index
     from safevid.train import data_sets, resolve_run_length
 
-    cfg = load_config(DEMO_CONFIG, [f"demo.assets_dir={demo_assets}", "train.max_steps=0",
-                                    "train.epochs=1.5"])
+    cfg = load_config(DEMO_CONFIG, [f"demo.assets_dir={demo_assets}", "train.epochs=1.5"])
+    assert resolve_run_length(cfg, []) == "" and cfg.train.max_steps == 60  # max_steps wins
+    cfg.train.max_steps = 0
     _, urls, _ = data_sets(cfg)
     pairs = sum(r.pairs for r in load_index(urls))
     note = resolve_run_length(cfg, urls)
