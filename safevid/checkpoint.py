@@ -118,6 +118,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _defaults() -> dict[str, object]:
+    from omegaconf import OmegaConf
+
+    from safevid.config import Config
+
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint value -> this run's value' for each key that must not change."""
     a, b = _flatten(saved), _flatten(current)
@@ -125,9 +133,14 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     # its length: cosine and linear decay are stretched by train.max_steps.
     may_differ = MAY_DIFFER + (("train.max_steps", "train.epochs")
                                if a.get("train.lr_schedule") == "constant" else ())
+    defaults = _defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in may_differ):
+            continue
+        # A key added to the schema since the checkpoint was written, at its default, is the
+        # behaviour the checkpoint's run had.
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

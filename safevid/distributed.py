@@ -139,9 +139,10 @@ def shutdown() -> None:
 
 
 def from_first_rank(fn, rank: int):
-    """`fn()` on rank 0 alone, its result broadcast to every rank; a ConfigError (or an
-    unreadable file) there is raised on every rank, so all of them end alike instead of one
-    raising while the others wait in the next collective."""
+    """`fn()` on rank 0 alone, its result broadcast to every rank; its failure, whatever it
+    is (a refusal, an unreadable or malformed file), is raised on every rank as a ConfigError
+    with the same message, so all of them end alike instead of one raising while the others
+    wait in the next collective."""
     import torch.distributed as dist
 
     from safevid.config import ConfigError
@@ -150,8 +151,10 @@ def from_first_rank(fn, rank: int):
     if rank == 0:
         try:
             answer[0] = ("ok", fn())
-        except (ConfigError, OSError) as exc:
+        except ConfigError as exc:
             answer[0] = ("error", str(exc))
+        except Exception as exc:  # noqa: BLE001  any failure must reach every rank
+            answer[0] = ("error", f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":

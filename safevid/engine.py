@@ -108,6 +108,8 @@ def prepare(cfg: Config, micro_steps: int, world: int) -> Setup:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     cfg.data.max_length = check_lengths(cfg, family.context_window())
+    if cfg.model.ref_name_or_path:
+        check_reference_matches(cfg, family.name)
     load_args = dict(dtype=dtype, fused=cfg.train.fused_logprobs, family=family.name,
                      backend=backend, trust_remote_code=cfg.model.trust_remote_code)
     return Setup(device, dtype, family, backend, ds, load_args)
@@ -135,16 +137,13 @@ def check_reference_matches(cfg: Config, policy_family: str) -> None:
 
 
 def build_reference(cfg: Config, setup: Setup):
-    """The frozen reference (`model.ref_name_or_path`, else the policy's initial weights),
-    partitioned like the policy under ZeRO-3; (a module in eval mode that returns (logps,
-    lengths), its LoadedModel)."""
+    """The frozen reference (`model.ref_name_or_path`, else the policy's initial weights; one
+    of the policy's family and vocabulary, as `prepare` checked), partitioned like the policy
+    under ZeRO-3; (a module in eval mode that returns (logps, lengths), its LoadedModel)."""
     import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
 
     from safevid.models.dpo_model import load
-
-    if cfg.model.ref_name_or_path:
-        check_reference_matches(cfg, setup.family.name)
-    from transformers.integrations import HfDeepSpeedConfig
 
     # from_pretrained partitions under the newest HfDeepSpeedConfig alive: the reference's.
     ds_hf = HfDeepSpeedConfig(reference_ds(setup.ds)) if setup.zero_stage >= 3 else None  # noqa: F841

@@ -4,6 +4,7 @@ over every training and evaluation shard, the shards split over ranks by pair co
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,6 @@ def precompute(cfg) -> int:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
-    from transformers.integrations import HfDeepSpeedConfig
 
     from safevid import distributed
     from safevid import engine as setup_mod
@@ -31,9 +31,13 @@ def precompute(cfg) -> int:
     from safevid.reference import (
         RefLogpsError,
         RefTable,
+        distinct_shards,
         fingerprint,
+        quantized_weights,
         ref_file,
+        shard_digest,
         split_shards,
+        text_digest,
         write_shard_file,
     )
     from safevid.train import data_sets
@@ -44,33 +48,43 @@ def precompute(cfg) -> int:
     if cfg.demo.build:
         ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
     _, train_urls, eval_urls = data_sets(cfg)
-    urls = list(dict.fromkeys(train_urls + eval_urls))
+    urls = distinct_shards(train_urls + eval_urls)
     rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
     setup = setup_mod.prepare(cfg, 1, world)
-    ds_hf = HfDeepSpeedConfig(setup.ds)  # noqa: F841  partitioned loading under ZeRO-3
     m = cfg.train.micro_batch_pairs
     out = Path(cfg.output_dir)
     layout = Batcher.layout_of(cfg.data).name
     dtype_name = str(setup.dtype).removeprefix("torch.")
 
-    def plan() -> tuple[dict, dict[int, int], list[list[int]]]:
+    def plan() -> tuple[dict, dict[int, int], dict[int, str], list[list[int]]]:
         """Rank 0 decides for all: the fingerprint, which shards still need their file (a
-        complete, current file is kept: a rerun after a failure does only the rest), and
-        which rank does each."""
-        fp = fingerprint(cfg, setup.family.name, dtype_name, layout, setup.backend)
+        complete, current file is kept: a rerun after a failure does only the rest), their
+        pair counts and digests as read now, and which rank does each. Every place a file
+        goes is tried first: a read-only data directory is a refusal here, not a failed write
+        on one rank in the middle of the forwards."""
+        out.mkdir(parents=True, exist_ok=True)
+        fp = fingerprint(cfg, setup.family.name, dtype_name, layout, quantized_weights(setup.ds))
         todo = []
         for i, url in enumerate(urls):
             try:
                 RefTable.load([url], fp, cfg.train.ref_logps_dir)
             except RefLogpsError:
                 todo.append(i)
+        for where in {ref_file(urls[i], cfg.train.ref_logps_dir).parent for i in todo}:
+            try:
+                where.mkdir(parents=True, exist_ok=True)
+                probe = where / f".safevid-write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise ConfigError(f"cannot write reference log-probs into {where} ({exc}); "
+                                  "name a writable directory in train.ref_logps_dir") from exc
         counts = [sum(r.pairs for r in load_index([urls[i]])) for i in todo]
+        digests = {i: shard_digest(urls[i]) for i in todo}
         parts = [[todo[j] for j in part] for part in split_shards(counts, world)]
-        return fp, dict(zip(todo, counts, strict=True)), parts
+        return fp, dict(zip(todo, counts, strict=True)), digests, parts
 
-    fp, counts, parts = distributed.from_first_rank(plan, rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    fp, counts, digests, parts = distributed.from_first_rank(plan, rank)
     mine = parts[rank]
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters for each): the
     # ranks with fewer pairs finish with stand-in micro-batches of weight 0.
@@ -132,19 +146,19 @@ def precompute(cfg) -> int:
                     continue
                 entries = results[shard].setdefault(pair.video.key, [])
                 entries.extend([None] * (pair.index + 1 - len(entries)))
-                entries[pair.index] = ([pair.id, values[2 * j], values[2 * j + 1]]
-                                       if pair.valid else None)
+                entries[pair.index] = ([pair.id, values[2 * j], values[2 * j + 1],
+                                        text_digest(pair)] if pair.valid else None)
                 left[shard] -= 1
                 if left[shard] == 0:  # the shard is whole: its file, written then renamed
                     write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp,
-                                     urls[shard], results.pop(shard))
+                                     urls[shard], digests[shard], results.pop(shard))
             bar.update(1)
     pool.shutdown()
     bar.close()
     # Shards with no pairs at all (every sample unreadable) still get their file.
     for shard in list(results):
         write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp, urls[shard],
-                         results.pop(shard))
+                         digests[shard], results.pop(shard))
     dist.barrier()
     if rank == 0:
         print(f"safevid: reference log-probs written for {sum(map(len, parts))} shards in "

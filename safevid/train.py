@@ -64,7 +64,7 @@ def train(cfg) -> int:
     from safevid.metrics import MetricsLog
     from safevid.models.dpo_model import freeze, load
     from safevid.optim import build_optimizer, build_scheduler
-    from safevid.reference import RefTable, fingerprint
+    from safevid.reference import RefTable, fingerprint, quantized_weights
     from safevid.report import Reporters, check_available
 
     # ---- config, process group, output directory -------------------------------------------
@@ -72,14 +72,16 @@ def train(cfg) -> int:
         ensure_demo_assets(Path(cfg.demo.assets_dir), seed=cfg.demo.seed)
     check_available(reporters(cfg))
     mix, train_urls, eval_urls = data_sets(cfg)
-    # The config as given is what a checkpoint records and config.yaml keeps (train.epochs,
-    # not the steps it came to, so that the saved file loads again).
-    config_record = config_dict(cfg)
-    given = copy.deepcopy(cfg)
-    epochs_note = resolve_run_length(cfg, train_urls)
+    given = copy.deepcopy(cfg)  # config.yaml keeps train.epochs as given, so that it loads again
     stop = StopRequest()  # before the process group: a signal during start-up is kept too
     rank, world, _ = distributed.init(cfg.train.collective_timeout_s)
     micro_steps = check_world_size(cfg, world)
+    # Steps from train.epochs, counted once on rank 0: every rank must run the same number.
+    cfg.train.max_steps, epochs_note = distributed.from_first_rank(
+        lambda: run_length(cfg, train_urls), rank)
+    # What a checkpoint records: the resolved step count too, so that a resumed epoch-based run
+    # whose data has grown is refused like a changed train.max_steps, not silently stretched.
+    config_record = config_dict(cfg)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     resume = checkpoint.decide_resume(ckpt_dir, config_record, rank, cfg.train.resume_from)
@@ -104,7 +106,7 @@ def train(cfg) -> int:
         # Checked before any weight is read: a run that cannot use the files ends at once.
         def check_ref_files() -> RefTable:
             fp = fingerprint(cfg, family.name, str(dtype).removeprefix("torch."), layout_name,
-                             backend)
+                             quantized_weights(setup_mod.reference_ds(ds)))
             return RefTable.load(list(dict.fromkeys(train_urls + eval_urls)), fp,
                                  cfg.train.ref_logps_dir)
 
@@ -129,7 +131,9 @@ def train(cfg) -> int:
     ref_engine = None
     if needs_reference(cfg.loss.type) and not precomputed:
         ref_engine, _ = setup_mod.build_reference(cfg, setup)
-
+        # The reference was loaded under its own HfDeepSpeedConfig, now gone: the policy's is
+        # transformers' current one again (is_deepspeed_zero3_enabled() asks the newest).
+        ds_hf = HfDeepSpeedConfig(ds)  # noqa: F841
     batcher = Batcher(policy, cfg.data)
     if rank == 0:
         ref_desc = (f"none ({cfg.loss.type})" if not needs_reference(cfg.loss.type)
@@ -167,7 +171,14 @@ def train(cfg) -> int:
                               steps=cfg.train.max_steps - start_step, batcher=batcher,
                               micro_batch_pairs=cfg.train.micro_batch_pairs, ref_table=ref_table)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
-    report = Reporters(reporters(cfg), out, start_step, config_record) if rank == 0 else None
+    report = None
+
+    def start_reporters() -> None:
+        nonlocal report
+        report = Reporters(reporters(cfg), out, start_step, config_record)
+
+    # Rank 0 alone starts them (W&B may fail to reach its server): every rank learns the outcome.
+    distributed.from_first_rank(start_reporters, rank)
 
     def run_eval(step: int) -> dict:
         sets = {"heldout": eval_urls, "train": train_urls}
@@ -281,19 +292,19 @@ def data_sets(cfg) -> tuple[list, list[str], list[str]]:
     return mix, train_urls, eval_urls
 
 
-def resolve_run_length(cfg, train_urls: list[str]) -> str:
-    """Set `train.max_steps` from `train.epochs` (over every training pair, all mixture
-    sources together); a note saying so, or "" when max_steps was given."""
+def run_length(cfg, train_urls: list[str]) -> tuple[int, str]:
+    """(steps, a note): `train.max_steps` when > 0, else from `train.epochs` over every
+    training pair (all mixture sources together), with a note saying so."""
     import math
 
     from safevid.data.indexed import load_index
 
     if cfg.train.max_steps:
-        return ""
+        return cfg.train.max_steps, ""
     pairs = sum(r.pairs for r in load_index(train_urls))
-    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * pairs / cfg.train.pairs_per_step))
-    return (f"train.epochs={cfg.train.epochs:g} over {pairs} pairs at {cfg.train.pairs_per_step} "
-            f"per step: {cfg.train.max_steps} steps")
+    steps = max(1, math.ceil(cfg.train.epochs * pairs / cfg.train.pairs_per_step))
+    return steps, (f"train.epochs={cfg.train.epochs:g} over {pairs} pairs at "
+                   f"{cfg.train.pairs_per_step} per step: {steps} steps")
 
 
 def config_dict(cfg) -> dict:

@@ -72,7 +72,7 @@ def test_precompute_writes_every_pair_of_every_shard(demo_assets, ref_dir):
         counts = {r.key: r.pairs for r in load_index([str(shard)])}
         assert {k: len(v) for k, v in doc["samples"].items()} == counts
         for entries in doc["samples"].values():
-            for pair_id, chosen, rejected in entries:
+            for pair_id, chosen, rejected, _texts in entries:
                 # Summed log-probs of whole answers under a random model: well below 0.
                 assert isinstance(pair_id, str) and chosen < -1 and rejected < -1
 
@@ -94,7 +94,7 @@ def test_a_rerun_computes_only_the_shards_without_a_current_file(demo_assets, re
     after = json.loads(lost.read_text())
     assert after["fingerprint"] == before["fingerprint"]
     for key, entries in before["samples"].items():
-        for (pid, c, r), (pid2, c2, r2) in zip(entries, after["samples"][key], strict=True):
+        for (pid, c, r, _), (pid2, c2, r2, _) in zip(entries, after["samples"][key], strict=True):
             assert pid == pid2 and (c2, r2) == pytest.approx((c, r), rel=1e-5)
 
 
@@ -110,12 +110,11 @@ def test_precomputed_reference_reproduces_the_live_run(precomputed_run, life_bas
             want[step - 1]["eval/heldout/margin"], rel=1e-5, abs=1e-5)
 
 
-def test_precomputed_run_builds_no_reference_model(precomputed_run, life_baseline):
-    # Without the reference's partitions and gathers the ranks hold less: the memory metric
-    # (max over ranks of the RSS high-water mark) is recorded, and lower.
-    got = rows(precomputed_run)[-1]["memory/peak_rss_mib"]
-    want = rows(life_baseline)[-1]["memory/peak_rss_mib"]
-    assert 0 < got < want, (got, want)
+def test_peak_memory_is_recorded(precomputed_run):
+    # The largest RSS high-water mark of any rank, never falling (what the reference saves at
+    # the benchmark's size is in benchmarks/RESULTS.md; at the demo's, it is noise).
+    peaks = [r["memory/peak_rss_mib"] for r in rows(precomputed_run)]
+    assert peaks[0] > 100 and peaks == sorted(peaks)
 
 
 def test_tensorboard_events_hold_the_metrics(precomputed_run):
@@ -147,6 +146,7 @@ def test_export_every_writes_plain_transformers_directories(precomputed_run):
 
 def _fingerprint(assets: Path, *overrides: str) -> tuple[dict, list[str]]:
     from safevid.config import load_config
+    from safevid.dpo import Batcher
     from safevid.engine import prepare
     from safevid.reference import fingerprint
     from safevid.train import data_sets
@@ -154,8 +154,8 @@ def _fingerprint(assets: Path, *overrides: str) -> tuple[dict, list[str]]:
     cfg = load_config(DEMO_CONFIG, [f"demo.assets_dir={assets}", *overrides])
     setup = prepare(cfg, 1, 1)
     _, train_urls, eval_urls = data_sets(cfg)
-    layout = "shared-prefix" if cfg.data.shared_prefix else "padded"
-    fp = fingerprint(cfg, setup.family.name, "float32", layout, setup.backend)
+    fp = fingerprint(cfg, setup.family.name, str(setup.dtype).removeprefix("torch."),
+                     Batcher.layout_of(cfg.data).name, False)
     return fp, train_urls + eval_urls
 
 
@@ -212,6 +212,27 @@ def test_refuses_missing_files_missing_pairs_and_stale_shards(demo_assets, ref_d
     assert f"stale: {urls[1]} has changed" in msg, msg
     assert f"{urls[2]}: no reference log-probs" in msg, msg
     assert "Run `safevid precompute-ref`" in msg
+
+
+def test_a_pair_edited_in_place_is_stale_not_scored_with_old_numbers(demo_assets, ref_dir):
+    """A label fix that swaps chosen and rejected keeps every size of the shard: the pair's
+    own text digest tells it apart, and the pair weighs 0 instead of getting the other
+    answer's log-probs."""
+    from safevid.data_prep.rejects import Rejects
+
+    from safevid.data.indexed import shard_pairs
+    from safevid.reference import RefTable
+
+    fp, urls = _fingerprint(demo_assets)
+    table = RefTable.load(urls, fp, str(ref_dir))
+    pair = next(shard_pairs(urls[0], Rejects(None)))
+    chosen, rejected = table.lookup(pair)
+    assert chosen < 0 and rejected < 0
+    pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    assert table.lookup(pair).startswith("stale: the pair's text has changed")
+    pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    pair.index += 1  # another pair's slot
+    assert "are for pair" in table.lookup(pair)
 
 
 def test_train_command_refuses_before_reading_weights(demo_assets, ref_dir, tmp_path):
@@ -282,9 +303,9 @@ def test_precompute_scores_with_the_named_reference(demo_assets, ref_dir, other_
     default = json.loads(ref_file(shard, str(ref_dir)).read_text())
     assert doc["fingerprint"]["reference"] != default["fingerprint"]["reference"]
     for key, index, chosen, rejected in _logps(other_reference, demo_assets):
-        _, c, r = doc["samples"][key][index]
+        _, c, r, _ = doc["samples"][key][index]
         assert (c, r) == pytest.approx((chosen, rejected), rel=1e-5)
-        _, c0, _ = default["samples"][key][index]
+        _, c0, _, _ = default["samples"][key][index]
         assert abs(c - c0) > 1e-3  # not the policy's initial weights
 
 
@@ -308,10 +329,10 @@ def test_live_reference_is_the_named_model(demo_assets, other_reference):
 
 def test_a_reference_of_another_family_is_refused(demo_assets):
     from safevid.config import ConfigError, load_config
-    from safevid.engine import build_reference, prepare
+    from safevid.engine import prepare
 
     cfg = load_config(DEMO_CONFIG, [f"demo.assets_dir={demo_assets}",
                                     f"model.ref_name_or_path={demo_assets / 'model_qwen2_vl'}"])
     with pytest.raises(ConfigError, match="model.ref_name_or_path.*is a qwen2_vl model; the "
                                           "policy is llava_next_video"):
-        build_reference(cfg, prepare(cfg, 1, 1))  # refused before any weight is read
+        prepare(cfg, 1, 1)  # the set-up both commands make before reading any weight
