@@ -122,13 +122,16 @@ def _agree(rank: int, world: int, value):
 
 def run(args: argparse.Namespace) -> int:
     rank, world = _process_group()
-    try:
-        return _run(args, rank, world)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
+    rc = _run(args, rank, world)
+    if world > 1:
+        from safevid.distributed import shutdown
 
-            dist.destroy_process_group()
+        # Every rank past its last collective before any tears the group down (a barrier,
+        # then destroy): destroying it while a peer still had an operation in flight aborted a
+        # finished process now and then ("terminate called without an active exception"). A
+        # rank that raised skips this and ends; the launcher then ends the others.
+        shutdown()
+    return rc
 
 
 def _run(args: argparse.Namespace, rank: int, world: int) -> int:
