@@ -142,7 +142,9 @@ def precompute(cfg) -> int:
             logps, _ = reference(**batch_inputs(batch.to(setup.device, setup.dtype)))
             values = logps.double().cpu().tolist()
             for j, (shard, pair) in enumerate(chunk):
-                if shard is None:
+                # None: a stand-in; not in results: a shard that grew since it was planned
+                # (its file is written, stamped with the digest it had, so it reads as stale).
+                if shard is None or shard not in results:
                     continue
                 entries = results[shard].setdefault(pair.video.key, [])
                 entries.extend([None] * (pair.index + 1 - len(entries)))
