@@ -39,9 +39,10 @@ from safevid.data_prep.shards import (
     REJECTS_FILE,
     write_index,
     write_shard,
-    write_text_atomic,
 )
 from tqdm import tqdm
+
+from safevid.atomic import write_text_atomic
 
 PAIR_KEEP = ("id", "prompt", "chosen", "rejected", "category", "query_type", "provenance")
 PARTS = ".parts"

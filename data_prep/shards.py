@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safevid.atomic import write_text_atomic
+
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 PAIR_FIELDS = ("id", "prompt", "chosen", "rejected")
@@ -44,12 +46,6 @@ def member_index(path: Path, pairs: dict[str, int] | None = None) -> dict:
         entry["pairs"] = (pairs or {}).get(key)
     return samples
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Written beside and renamed into place: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict, list[bytes]]]) -> None:

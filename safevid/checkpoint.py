@@ -16,7 +16,6 @@ checkpoints travel between machines and users.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from safevid.atomic import write_text_atomic
 from safevid.lifecycle import fault_delay
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -68,15 +68,6 @@ class ResumePoint:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -209,25 +200,19 @@ def decide_resume(ckpt_dir: Path, config: dict, rank: int,
     directory listings for a moment, and one rank resuming while another starts afresh would
     hang both.
     """
-    import torch.distributed as dist
+    from safevid.distributed import from_first_rank
 
-    answer: list = [None]
-    if rank == 0:
+    def decide() -> ResumePoint | None:
         try:
             point = find_resume(ckpt_dir, config)
             if point is None and resume_from:
                 point = find_named(Path(resume_from), config)
-            answer[0] = ("ok", point)
-        except CheckpointError as exc:
-            answer[0] = ("error", str(exc))
+            return point
         except (OSError, ValueError, KeyError, TypeError) as exc:  # an unreadable trainer_state
-            answer[0] = ("error", f"{ckpt_dir}: a checkpoint's {STATE} cannot be read "
-                                  f"({type(exc).__name__}: {exc})")
-    dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise CheckpointError(value)
-    return value
+            raise CheckpointError(f"{ckpt_dir}: a checkpoint's {STATE} cannot be read "
+                                  f"({type(exc).__name__}: {exc})") from exc
+
+    return from_first_rank(decide, rank, CheckpointError)
 
 
 def convert_to_universal(point: ResumePoint) -> Path:
@@ -253,26 +238,21 @@ def convert_to_universal(point: ResumePoint) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     (point.path.parent / "latest_universal").unlink(missing_ok=True)  # names the tmp folder
-    _write_atomic(out / COMPLETE, json.dumps({"step": point.step, "from": point.path.name}))
+    write_text_atomic(out / COMPLETE, json.dumps({"step": point.step, "from": point.path.name}))
     return out
 
 
 def prepare_universal(point: ResumePoint, world: int, rank: int) -> None:
     """The universal copy of `point` made on rank 0; a failure there is raised on every rank
     (one rank raising while the others wait at a barrier would hang the job)."""
-    import torch.distributed as dist
+    from safevid.distributed import from_first_rank
 
-    error: list = [None]
-    if rank == 0:
+    def convert() -> None:
         print(f"safevid: {point.path.name} was written by {point.world_size} ranks; converting "
               f"it to a universal checkpoint for {world}", file=sys.stderr)
-        try:
-            convert_to_universal(point)
-        except (CheckpointError, OSError) as exc:
-            error[0] = str(exc)
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise CheckpointError(error[0])
+        convert_to_universal(point)
+
+    from_first_rank(convert, rank, CheckpointError)
 
 
 def _rng_state() -> dict:
@@ -301,17 +281,17 @@ def save(engine, ckpt_dir: Path, step: int, position: tuple[int, int], rank: int
         # files underneath it are being replaced.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
     dist.barrier()
-    _write_atomic(tag_dir / f"rng_rank{rank}.json", json.dumps(_rng_state()))
+    write_text_atomic(tag_dir / f"rng_rank{rank}.json", json.dumps(_rng_state()))
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     if rank == 0:
         state = {"step": step, "data_position": list(position), "world_size": world,
                  "code_version": code_version(), "config": config}
-        _write_atomic(tag_dir / STATE, json.dumps(state, indent=1))
+        write_text_atomic(tag_dir / STATE, json.dumps(state, indent=1))
     fault_delay("checkpoint")
     dist.barrier()  # every rank has written its part
     if rank == 0:
-        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": world}))
-        _write_atomic(ckpt_dir / "latest", tag)
+        write_text_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": world}))
+        write_text_atomic(ckpt_dir / "latest", tag)
         rotate(ckpt_dir, keep)
     return tag_dir
 

@@ -138,25 +138,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def from_first_rank(fn, rank: int):
+def from_first_rank(fn, rank: int, error: type[Exception] | None = None):
     """`fn()` on rank 0 alone, its result broadcast to every rank; its failure, whatever it
-    is (a refusal, an unreadable or malformed file), is raised on every rank as a ConfigError
-    with the same message, so all of them end alike instead of one raising while the others
-    wait in the next collective."""
+    is (a refusal, an unreadable or malformed file), is raised on every rank as `error`
+    (default ConfigError) with the same message, so all of them end alike instead of one
+    raising while the others wait in the next collective."""
     import torch.distributed as dist
 
     from safevid.config import ConfigError
 
+    error = error or ConfigError
     answer: list = [None]
     if rank == 0:
         try:
             answer[0] = ("ok", fn())
-        except ConfigError as exc:
+        except (ConfigError, error) as exc:
             answer[0] = ("error", str(exc))
         except Exception as exc:  # noqa: BLE001  any failure must reach every rank
             answer[0] = ("error", f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
-        raise ConfigError(value)
+        raise error(value)
     return value

@@ -79,10 +79,11 @@ def precompute(cfg) -> int:
             except OSError as exc:
                 raise ConfigError(f"cannot write reference log-probs into {where} ({exc}); "
                                   "name a writable directory in train.ref_logps_dir") from exc
-        counts = [sum(r.pairs for r in load_index([urls[i]])) for i in todo]
-        digests = {i: shard_digest(urls[i]) for i in todo}
-        parts = [[todo[j] for j in part] for part in split_shards(counts, world)]
-        return fp, dict(zip(todo, counts, strict=True)), digests, parts
+        refs = {i: load_index([urls[i]]) for i in todo}
+        counts = {i: sum(r.pairs for r in refs[i]) for i in todo}
+        digests = {i: shard_digest(urls[i], refs[i]) for i in todo}
+        parts = [[todo[j] for j in part] for part in split_shards([counts[i] for i in todo], world)]
+        return fp, counts, digests, parts
 
     fp, counts, digests, parts = distributed.from_first_rank(plan, rank)
     mine = parts[rank]

@@ -135,14 +135,12 @@ def _entry_ok(entry) -> bool:
         and all(isinstance(v, int | float) for v in entry[1:3]) and isinstance(entry[3], str))
 
 
-def shard_digest(url: str) -> str:
-    """The shard's member index (keys, member offsets and sizes, pair counts) and size: a shard
-    written again with other contents has another digest."""
-    from safevid.data.indexed import load_index
-
+def shard_digest(url: str, refs: list) -> str:
+    """The shard's member index (`refs`, its `load_index`: keys, member offsets and sizes,
+    pair counts) and size: a shard written again with other contents has another digest."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(Path(url).stat().st_size).encode())
-    for r in load_index([url]):
+    for r in refs:
         h.update(json.dumps([r.key, r.json, r.jpgs, r.pairs]).encode())
     return h.hexdigest()
 
@@ -151,7 +149,7 @@ def write_shard_file(path: Path, fp: dict, url: str, digest: str,
                      samples: dict[str, list]) -> None:
     """`digest` is the shard's as it was when its pairs were read (a shard rewritten meanwhile
     then shows as stale, not as current)."""
-    from safevid.data_prep.shards import write_text_atomic
+    from safevid.atomic import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"format": FORMAT, "fingerprint": fp,
@@ -192,12 +190,13 @@ class RefTable:
             if diffs:
                 problems.append(f"{path}: computed for another setting; {'; '.join(diffs)}")
                 continue
-            if doc.get("shard_digest") != shard_digest(url):
+            refs = load_index([url])
+            if doc.get("shard_digest") != shard_digest(url, refs):
                 problems.append(f"{path}: stale: {url} has changed since its reference "
                                 "log-probs were computed")
                 continue
             missing = [f"{r.key} ({r.pairs} pairs, {len(samples.get(r.key) or [])} in the file)"
-                       for r in load_index([url])
+                       for r in refs
                        if len(samples.get(r.key) or []) != r.pairs]
             if missing:
                 problems.append(f"{path}: missing pairs of {len(missing)} sample(s): "

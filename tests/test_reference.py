@@ -88,7 +88,7 @@ def test_a_rerun_computes_only_the_shards_without_a_current_file(demo_assets, re
     lost.unlink()
     # A torn write of an earlier attempt (the name it is written under before the rename)
     # counts for nothing.
-    lost.with_name(lost.name + ".tmp").write_text('{"samples": {')
+    lost.with_name(f".{lost.name}.tmp-12345").write_text('{"samples": {')
     proc = precompute(demo_assets, tmp_path / "run", again, world=1)
     assert "in 1 of 8 shards (7 already done)" in proc.stderr, proc.stderr[-2000:]
     after = json.loads(lost.read_text())

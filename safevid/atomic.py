@@ -1,0 +1,18 @@
+"""A file that says "done" must be true: text files are written beside and renamed into place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader sees the old file or the whole new one, never part of one. The temporary name
+    carries the process id, so that processes writing the same file never share it, and the
+    data reaches the disk before the rename makes it visible."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
