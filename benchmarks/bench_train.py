@@ -72,8 +72,19 @@ mean prompt and answer lengths. Padding, masked entries (CPU's SDPA computes the
 The table's "CPU share" column (the kept run's CPU time over wall time x cores) drops for a
 run that had to share the cores with other work.
 
+On a GPU (`--gpu`): one rank per visible GPU (NCCL), bf16 as the trainer picks it there, a
+wider default model (8 layers x 2048, about 0.6B parameters), 16 pairs per step in micro-steps
+of 8, and by default only the variants that the targets and the FLOPs estimate need (`plain
+twin`, `+ shared-prefix`, `+ precomputed`, `fast path`; `--variants` picks others). Peak memory
+is then the trainer's `memory/peak_gpu_mib` (torch.cuda.max_memory_allocated, the largest rank),
+the step-1 tolerance is bf16's (--rtol 2e-2: the layouts add up the same numbers in another
+order) and MFU is printed against `--peak-tflops` (default 989, the H100/H200 SXM's dense bf16
+peak).
+
     python benchmarks/bench_train.py                    # about 9 min on 2 cores
     python benchmarks/bench_train.py --steps 10 --keep --json bench_train.json
+    python benchmarks/bench_train.py --gpu              # 6 process groups, about 6 min on one H200
+    python benchmarks/bench_train.py --gpu --variants "fast path"   # 3 groups: 217 s on one H200
 """
 
 from __future__ import annotations
@@ -92,7 +103,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
-WORLD = 2
 RECIPE = "1"  # bump when build_model changes, so that cached bench models are rebuilt
 
 # name: (layout, fused log-probs, reference)
@@ -119,11 +129,23 @@ def stamp(layout: str) -> str:
     return "shared-prefix" if LAYOUTS[layout][0] else "padded"
 
 
-def child_env() -> dict[str, str]:
-    """One thread per rank: the 2 ranks share 2 cores."""
+GPU_VARIANTS = ("plain twin", "+ shared-prefix", "+ precomputed", "fast path")
+# The dense bf16 peak of an H100/H200 SXM (the matrix units without sparsity), for MFU.
+GPU_PEAK_TFLOPS = 989.0
+
+
+def child_env(gpu: bool) -> dict[str, str]:
+    """CPU: one thread per rank, the ranks share the cores. GPU: this environment, without
+    a CPU accelerator left over from CPU work (it would train on the CPU) or this process's
+    own rank variables, and offline (a hub lookup would only wait for its timeout)."""
     from safevid.launcher.local import cpu_job_env
 
-    return cpu_job_env()
+    env = cpu_job_env()
+    if gpu:
+        env.pop("DS_ACCELERATOR", None)
+        env.pop("OMP_NUM_THREADS", None)
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
 
 
 def build_model(out: Path, hidden: int, layers: int, frame_tokens: int, seed: int) -> Path:
@@ -182,33 +204,34 @@ def model_shape(model_dir: Path) -> dict:
             "total_params": total}
 
 
-def pairs_shards(assets: Path, pairs: int) -> str:
+def pairs_shards(assets: Path, pairs: int, world: int) -> str:
     """The first training shards that hold `pairs` pairs, at least one per rank (so that both
     ranks of a precompute have shards to score): the precompute runs score exactly these, and
     every variant draws its steps from them."""
     index = json.loads((assets / "shards" / "index.json").read_text())
     chosen, total = [], 0
     for shard in index["splits"]["train"]["shards"]:
-        if total >= pairs and len(chosen) >= WORLD:
+        if total >= pairs and len(chosen) >= world:
             break
         chosen.append(str(assets / "shards" / shard["file"]))
         total += shard["pairs"]
     return ",".join(chosen)
 
 
-def launch(command: str, overrides: list[str], log: Path) -> dict:
-    """One 2-rank process group, start to end. Its output goes to `log`. Returns its wall time
+def launch(command: str, overrides: list[str], log: Path, world: int, gpu: bool) -> dict:
+    """One process group of `world` ranks, start to end. Its output goes to `log`. Returns its wall time
     and the share of the machine's CPU time its processes got: well below 1 (the ranks also
     wait on each other and on files) means other work competed for the cores, and the times
     of that run are upper bounds."""
     import resource
 
     cmd = [sys.executable, "-m", "safevid.launcher", "--command", command,
-           "--nproc-per-node", str(WORLD), str(CONFIG), *overrides]
+           "--nproc-per-node", str(world), str(CONFIG), *overrides]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run(cmd, env=child_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, env=child_env(gpu), cwd=REPO, stdout=f,
+                              stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -218,13 +241,13 @@ def launch(command: str, overrides: list[str], log: Path) -> dict:
     return {"wall_s": wall, "cpu_share": cpu / (wall * (os.cpu_count() or 1))}
 
 
-def import_baseline_mib() -> float:
+def import_baseline_mib(gpu: bool) -> float:
     """Resident high-water mark of a process that has only imported what a rank imports."""
     code = ("import resource, torch, deepspeed, transformers, safevid.train, safevid.dpo, "
             "safevid.engine, safevid.models.dpo_model; "
             "from transformers import LlavaNextVideoForConditionalGeneration; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(), cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(gpu), cwd=REPO,
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -238,7 +261,7 @@ def precompute_summary(log: Path) -> dict:
             "compute_s": float(secs.group(1)) if secs else float("nan")}
 
 
-def summarise(rows: list[dict], warmup: int) -> dict:
+def summarise(rows: list[dict], warmup: int, memory_key: str) -> dict:
     timed = rows[warmup:]
     step_s = sum(r["step_s"] for r in timed)
     return {
@@ -246,7 +269,7 @@ def summarise(rows: list[dict], warmup: int) -> dict:
         "pairs_per_s": sum(r["pairs"] for r in timed) / step_s,
         "tokens_per_s": sum(r["tokens"] for r in timed) / step_s,
         "step_s": step_s / len(timed), "best_step_s": min(r["step_s"] for r in timed),
-        "peak_rss_mib": max(r["memory/peak_rss_mib"] for r in rows),
+        "peak_mib": max(r[memory_key] for r in rows),
         "loss_1": rows[0]["loss"], "grad_norm_1": rows[0]["grad_norm"],
         "losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows],
         "tokens": [r["tokens"] for r in rows], "pairs": [r["pairs"] for r in rows],
@@ -274,7 +297,9 @@ def add_flops(results: dict, frames: int) -> None:
     """FLOPs per step and achieved FLOP/s of every variant, from the per-step token counts of
     both layouts (the same pairs in every run)."""
     variants = results["variants"]
-    padded, shared = variants["plain twin"]["tokens"], variants["+ shared-prefix"]["tokens"]
+    # Every variant of one layout kind runs the same tokens (check_targets holds them to it).
+    padded, shared = (next(r["tokens"] for n, r in variants.items() if stamp(VARIANTS[n][0]) == kind)
+                      for kind in ("padded", "shared-prefix"))
     for name, r in variants.items():
         layout, _, ref = VARIANTS[name]
         per_step = [step_flops(results["shape"], stamp(layout) == "padded", tp - ts, 2 * ts - tp, n,
@@ -296,10 +321,19 @@ def cpu_name() -> str:
             + (f" at {float(mhz):.0f} MHz" if mhz else ""))
 
 
+def gpu_name(world: int) -> str:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{world} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
     from safevid.demo_assets import NUM_FRAMES, ensure_demo_assets
+
+    world, gpu, variants = args.world, args.gpu, args.variants
 
     assets = ensure_demo_assets(Path(args.assets)).resolve()
     model = build_model(Path(args.model_cache).resolve()
@@ -307,15 +341,17 @@ def run(args: argparse.Namespace) -> dict:
                         args.hidden, args.layers, args.frame_tokens, args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench_train."))
     results: dict = {
-        "machine": cpu_name(), "torch": torch.__version__, "world": WORLD,
+        "machine": gpu_name(world) if gpu else cpu_name(), "torch": torch.__version__,
+        "world": world, "gpu": gpu, "memory": "GPU allocated" if gpu else "RSS",
         "load_before": os.getloadavg()[0], "model": str(model), "shape": model_shape(model),
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "pairs_per_step": args.pairs_per_step, "micro_batch_pairs": args.micro_batch_pairs,
-        "work": str(work), "import_baseline_mib": import_baseline_mib(), "precompute": {},
+        "work": str(work), "import_baseline_mib": 0.0 if gpu else import_baseline_mib(gpu),
+        "precompute": {},
         "variants": {},
     }
     common = [f"demo.assets_dir={assets}", f"model.name_or_path={model}",
-              f"data.shards={pairs_shards(assets, args.steps * args.pairs_per_step)}",
+              f"data.shards={pairs_shards(assets, args.steps * args.pairs_per_step, world)}",
               # No evaluation: with data.eval_max_pairs=0 the end-of-run pass over the
               # training set (forwards of every pair, outside the step timings) is skipped too.
               "data.eval_shards=null", "data.eval_max_pairs=0", "train.eval_every=0",
@@ -324,26 +360,30 @@ def run(args: argparse.Namespace) -> dict:
               "train.max_grad_norm=1e6",  # clipping off: step-1 grad norms compare raw
               # The final checkpoint (save_every=0) is written after the last step's timing.
               "train.save_every=0", "train.export_hf=false", "train.report_to=none"]
+    memory_key = "memory/peak_gpu_mib" if gpu else "memory/peak_rss_mib"
     t_all = time.perf_counter()
     try:
         for kind in ("padded", "shared-prefix"):
             # Scored in the layout and with the log-probs of the first variant that reads
             # them (plain and fused, packed and unpacked rows agree to rounding).
-            layout, fused = next((lay, f) for lay, f, ref in VARIANTS.values()
-                                 if stamp(lay) == kind and ref == "precomputed")
+            layout, fused = next(((VARIANTS[n][0], VARIANTS[n][1]) for n in variants
+                                  if stamp(VARIANTS[n][0]) == kind and VARIANTS[n][2] == "precomputed"),
+                                 (None, False))
+            if layout is None:  # no variant reads this kind
+                continue
             out = work / f"precompute-{kind}"
             out.mkdir(parents=True)
             print(f"bench_train: precompute-ref, {layout} rows ...", file=sys.stderr, flush=True)
             ran = launch("precompute-ref", [*common, *layout_args(layout), f"output_dir={out}",
                                             f"train.fused_logprobs={str(fused).lower()}",
                                             f"train.ref_logps_dir={work / f'ref-{kind}'}"],
-                         out / "log.txt")
+                         out / "log.txt", world, gpu)
             results["precompute"][kind] = {**ran, **precompute_summary(out / "log.txt")}
-        runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.rounds):
             # The machine's speed drifts over minutes (shared cores, other work): the variants
             # take turns, in reverse order every other round, and each keeps its fastest round.
-            for name in list(VARIANTS)[::-1 if i % 2 else 1]:
+            for name in list(variants)[::-1 if i % 2 else 1]:
                 layout, fused, ref = VARIANTS[name]
                 out = work / f"round{i + 1}-{re.sub(r'[^a-z]+', '-', name).strip('-')}"
                 out.mkdir(parents=True)
@@ -353,15 +393,15 @@ def run(args: argparse.Namespace) -> dict:
                     over.append(f"train.ref_logps_dir={work / f'ref-{stamp(layout)}'}")
                 print(f"bench_train: round {i + 1}/{args.rounds}, train, {name} ...",
                       file=sys.stderr, flush=True)
-                ran = launch("train", over, out / "log.txt")
+                ran = launch("train", over, out / "log.txt", world, gpu)
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
                         if x]
-                runs[name].append({**ran, **summarise(rows, args.warmup)})
+                runs[name].append({**ran, **summarise(rows, args.warmup, memory_key)})
         for name, rounds in runs.items():
             best = max(rounds, key=lambda x: x["pairs_per_s"])
             # Memory does not drift like speed: the largest of the rounds, as a bound.
             results["variants"][name] = {**best,
-                                         "peak_rss_mib": max(x["peak_rss_mib"] for x in rounds),
+                                         "peak_mib": max(x["peak_mib"] for x in rounds),
                                          "rounds": rounds}
     except BaseException:
         print(f"bench_train: stopped; the run directories are kept in {work}", file=sys.stderr)
@@ -380,9 +420,9 @@ def check_targets(r: dict, rtol: float) -> list[tuple[str, str, bool]]:
     v = r["variants"]
     base = v["plain twin"]
     out = []
-    for name in ("fast path", "fast, unpacked"):
+    for name in [n for n in ("fast path", "fast, unpacked") if n in v]:
         speed = v[name]["pairs_per_s"] / base["pairs_per_s"]
-        mem = v[name]["peak_rss_mib"] / base["peak_rss_mib"]
+        mem = v[name]["peak_mib"] / base["peak_mib"]
         out += [(f"{name}: >= 2x the plain twin's pairs/s", f"{speed:.2f}x", speed >= 2.0),
                 (f"{name}: <= 0.6x the plain twin's peak memory", f"{mem:.2f}x", mem <= 0.6)]
 
@@ -408,30 +448,32 @@ def check_targets(r: dict, rtol: float) -> list[tuple[str, str, bool]]:
 def print_report(r: dict, rtol: float, peak_tflops: float | None) -> None:
     s, v = r["shape"], r["variants"]
     base = v["plain twin"]
-    print(f"machine: {r['machine']}; torch {r['torch']}; {r['world']} CPU ranks (gloo, 1 thread "
-          f"each), fp32, ZeRO-3; load average {r['load_before']:.2f} before, "
-          f"{r['load_after']:.2f} after")
+    ranks = ("GPU ranks (NCCL), bf16" if r["gpu"] else "CPU ranks (gloo, 1 thread each), fp32")
+    print(f"machine: {r['machine']}; torch {r['torch']}; {r['world']} {ranks}, ZeRO-3; load "
+          f"average {r['load_before']:.2f} before, {r['load_after']:.2f} after")
     print(f"model: LLaVA-NeXT-Video, {s['total_params'] / 1e6:.1f}M parameters; language model "
           f"{s['layers']} layers x {s['hidden']} (MLP {s['intermediate']}, "
           f"{s['lm_layer_params'] / 1e6:.2f}M in layers), vocab {s['vocab']} (embedding and LM "
           f"head {s['head_params'] / 1e6:.2f}M each); frozen vision tower + projector, "
           f"{s['tokens_per_frame']} tokens per frame")
+    floor = r["import_baseline_mib"]
     print(f"run: {r['steps']} steps of {r['pairs_per_step']} pairs ({r['micro_batch_pairs']} per "
           f"rank per micro-step); pairs/s, tokens/s and step s over steps {r['warmup'] + 1}-"
-          f"{r['steps']}, fastest of {r['rounds']} rounds; import baseline "
-          f"{r['import_baseline_mib']:.0f} MiB RSS per process")
+          f"{r['steps']}, fastest of {r['rounds']} rounds"
+          + ("" if r["gpu"] else f"; import baseline {floor:.0f} MiB RSS per process"))
+    memory = f"peak {r['memory']} MiB/rank"
     print()
-    print("| variant         | pairs/s | tokens/s | step s (best) | CPU share | peak RSS MiB/rank | "
+    print(f"| variant         | pairs/s | tokens/s | step s (best) | CPU share | {memory} | "
           "step-1 loss | step-1 grad norm | GFLOP/step | GFLOP/s | pairs/s ratio | memory ratio |")
-    print("|-----------------|--------:|---------:|--------------:|----------:|------------------:|"
+    print(f"|-----------------|--------:|---------:|--------------:|----------:|{'-' * (len(memory) + 1)}:|"
           "------------:|-----------------:|-----------:|--------:|--------------:|-------------:|")
     for name, x in v.items():
         print(f"| {name:<15} | {x['pairs_per_s']:7.3f} | {x['tokens_per_s']:8.0f} | "
               f"{x['step_s']:5.2f} ({x['best_step_s']:5.2f}) | {100 * x['cpu_share']:8.0f}% | "
-              f"{x['peak_rss_mib']:17.0f} | {x['loss_1']:11.8f} | "
+              f"{x['peak_mib']:{len(memory)}.0f} | {x['loss_1']:11.8f} | "
               f"{x['grad_norm_1']:16.8f} | {x['flops_per_step'] / 1e9:10.1f} | "
               f"{x['flops_per_s'] / 1e9:7.1f} | {x['pairs_per_s'] / base['pairs_per_s']:12.2f}x | "
-              f"{x['peak_rss_mib'] / base['peak_rss_mib']:11.2f}x |")
+              f"{x['peak_mib'] / base['peak_mib']:11.2f}x |")
     mfu = (f" With {peak_tflops:g} TFLOP/s peak: " + ", ".join(
         f"{n} {100 * x['flops_per_s'] / (peak_tflops * 1e12):.1f}%" for n, x in v.items())
         if peak_tflops else "")
@@ -439,21 +481,23 @@ def print_report(r: dict, rtol: float, peak_tflops: float | None) -> None:
           f"its wall time x cores, start-up included; one well below the others had to share the "
           f"cores with other work. GFLOP/step: model FLOPs of one optimizer step, both ranks; "
           f"GFLOP/s: those over the step time. MFU = GFLOP/s / the machine's peak.{mfu}")
-    floor = r["import_baseline_mib"]
     print("pairs/s of each round: " + ", ".join(
         n + " " + " / ".join(f"{y['pairs_per_s']:.2f}" for y in x["rounds"]) for n, x in v.items()))
     last = max(abs(x["losses"][-1] - base["losses"][-1]) / abs(base["losses"][-1])
                for x in v.values())
     print(f"loss after step {r['steps']}: {base['losses'][-1]:.6f} in the plain twin, largest "
           f"relative difference over the variants {last:.1e}")
-    print("memory ratio above the import baseline: " + ", ".join(
-        f"{n} {(x['peak_rss_mib'] - floor) / (base['peak_rss_mib'] - floor):.2f}x"
-        for n, x in v.items() if n != "plain twin"))
+    if not r["gpu"]:
+        print("memory ratio above the import baseline: " + ", ".join(
+            f"{n} {(x['peak_mib'] - floor) / (base['peak_mib'] - floor):.2f}x"
+            for n, x in v.items() if n != "plain twin"))
     print("\nprecompute-ref (one-off per data set, model and layout; start-up included):")
-    for name in ("+ precomputed", "fast path"):
+    for name in [n for n in ("+ precomputed", "fast path") if n in v]:
         layout = stamp(VARIANTS[name][0])
         live = "plain twin" if layout == "padded" else "+ shared-prefix"
         pre = r["precompute"][layout]
+        if live not in v:
+            continue
         saved = v[live]["step_s"] - v[name]["step_s"]
         payback = (f"paid back after {pre['wall_s'] / saved:.0f} steps "
                    f"({pre['wall_s'] / saved * r['pairs_per_step'] / max(pre['pairs'], 1):.1f} "
@@ -469,18 +513,27 @@ def print_report(r: dict, rtol: float, peak_tflops: float | None) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="runs of every variant, taking turns; each keeps its fastest")
+    p.add_argument("--gpu", action="store_true",
+                   help="one rank per visible GPU, bf16, the GPU defaults (module docstring)")
+    p.add_argument("--world", type=int, default=None,
+                   help="ranks (default 2 on CPU, the visible GPUs with --gpu)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated names from the table (default: all on CPU; "
+                        f"{', '.join(GPU_VARIANTS)} with --gpu); 'plain twin' is always run")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (4; GPU 6)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="runs of every variant, taking turns; each keeps its fastest (2; GPU 1)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of throughput")
-    p.add_argument("--pairs-per-step", type=int, default=8)
-    p.add_argument("--micro-batch-pairs", type=int, default=4, help="pairs per rank per forward")
-    p.add_argument("--hidden", type=int, default=256, help="language model width")
-    p.add_argument("--layers", type=int, default=6, help="language model layers")
+    p.add_argument("--pairs-per-step", type=int, default=None, help="(8; GPU 16)")
+    p.add_argument("--micro-batch-pairs", type=int, default=None,
+                   help="pairs per rank per forward (4; GPU 8)")
+    p.add_argument("--hidden", type=int, default=None, help="language model width (256; GPU 2048)")
+    p.add_argument("--layers", type=int, default=None, help="language model layers (6; GPU 8)")
     p.add_argument("--frame-tokens", type=int, default=144,
                    help="video tokens per frame, a square (4: the demo model; 144: the 7B)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rtol", type=float, default=1e-5, help="step-1 loss and grad norm (fp32)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="step-1 loss and grad norm (1e-5 for fp32; GPU, bf16: 2e-2)")
     p.add_argument("--assets", default=str(REPO / ".safevid" / "demo"), help="demo assets")
     p.add_argument("--model-cache", default=str(REPO / ".safevid" / "bench_train"),
                    help="where the bench model is built, once per shape")
@@ -489,6 +542,32 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    gpu = args.gpu
+    defaults = dict(steps=(4, 6), rounds=(2, 1), pairs_per_step=(8, 16), micro_batch_pairs=(4, 8),
+                    hidden=(256, 2048), layers=(6, 8), rtol=(1e-5, 2e-2),
+                    peak_tflops=(None, GPU_PEAK_TFLOPS))
+    for key, (cpu_value, gpu_value) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu_value if gpu else cpu_value)
+    if gpu:
+        import torch
+
+        # Never the CPU instead: a GPU benchmark that ran on the CPU would report nonsense.
+        if not torch.cuda.is_available():
+            p.error("--gpu: torch sees no CUDA device (torch.cuda.is_available() is False)")
+        args.world = args.world or torch.cuda.device_count()
+    args.world = args.world or 2
+    names = (args.variants.split(",") if args.variants else GPU_VARIANTS if gpu else list(VARIANTS))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    args.variants = ["plain twin", *[n for n in VARIANTS if n in names and n != "plain twin"]]
+    if not any(stamp(VARIANTS[n][0]) == "shared-prefix" for n in args.variants):
+        p.error("--variants: name at least one shared-prefix variant (the FLOPs estimate reads "
+                "the prompt tokens off the difference of the two layouts)")
+    if args.pairs_per_step % (args.world * args.micro_batch_pairs):
+        p.error(f"--pairs-per-step {args.pairs_per_step} is not a multiple of --world "
+                f"{args.world} x --micro-batch-pairs {args.micro_batch_pairs}")
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
     if math.isqrt(args.frame_tokens) ** 2 != args.frame_tokens:

@@ -229,6 +229,15 @@ def _step_note(name: str, work: Path) -> str:
         rows = _load(res / "bench.json").get("rows", [])
         return "; ".join(f"{r['case']}: time x{r['time_ratio']:.2f}, memory x{r['mem_ratio']:.3f}"
                          for r in rows)
+    if name == "train_bench":
+        t = _load(res / "train_bench.json").get("variants", {})
+        if "plain twin" not in t:
+            return ""
+        base = t["plain twin"]
+        return "; ".join(f"{n} {x['pairs_per_s']:.2f} pairs/s "
+                         f"({x['pairs_per_s'] / base['pairs_per_s']:.2f}x), "
+                         f"{x['flops_per_s'] / 1e12:.0f} TFLOP/s, peak {x['peak_mib'] / 1024:.1f} GiB"
+                         for n, x in t.items())
     if name == "llava7b_build":
         b = _load(res / "llava7b_build.json")
         if not b:

@@ -5,10 +5,12 @@
 #      (made by benchmarks/gpu_wheels.sh; already-present versions are skipped);
 #   2. prints the device and the package versions, and fails unless DeepSpeed picks CUDA;
 #   3. runs tests/test_kernels.py, its CUDA tests included (Triton compiled, bf16 and fp32);
-#   4. runs the log-prob benchmark at N=16384, H=4096, V=152064 in bf16 (Triton vs naive);
+#   4. runs the log-prob benchmark at N=16384, H=4096, V=152064 in bf16 (Triton vs naive),
+#      and the trainer benchmark (benchmarks/bench_train.py --gpu: the plain twin against the
+#      fast path, bf16, MFU);
 #   5. trains 20 ZeRO-3 bf16 DPO steps of configs/demo.yaml on one GPU;
 #   6. builds a random LLaVA-NeXT-Video from the 7B config with fewer text layers
-#      (--layers, default 14) and trains 20 DPO steps of it on the demo shards: ZeRO-3, bf16,
+#      (--layers, default 14) and trains 20 DPO steps (--llava-steps) of it on the demo shards: ZeRO-3, bf16,
 #      gradient checkpointing, frozen vision tower, a frozen reference;
 #   7. the row layouts on the GPU (FlexAttention): benchmarks/bench_layouts.py --gpu, the demo
 #      again with packed rows instead of shared-prefix ones (the summary compares both runs'
@@ -22,8 +24,8 @@
 #
 # Options: --layers N (text layers of the 7B-shaped model; 32 is the full 7B), --assets DIR (demo assets, built
 # there when missing), --work DIR (scratch; default a new folder under /tmp), --budget S (total
-# seconds), --steps a,b,... (run only these steps: install device kernels bench demo_dpo
-# llava7b layouts; default all), --wheels DIR (default .whl). With OUT set, the log, summary.json and both runs' metrics are copied to $OUT.
+# seconds), --steps a,b,... (run only these steps: install device kernels bench train_bench
+# demo_dpo llava7b layouts; default all), --wheels DIR (default .whl), --llava-steps N. With OUT set, the log, summary.json and both runs' metrics are copied to $OUT.
 #
 # Peak memory is torch.cuda.max_memory_allocated() read in the training process once the run
 # has ended (benchmarks/gpu_check.py train); on CPU it is the process's peak resident set.
@@ -46,6 +48,7 @@ WORK=""
 BUDGET=""
 STEPS=all
 WHEELS=.whl
+LLAVA_STEPS=20
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -55,6 +58,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift ;;
     --steps) STEPS=$2; shift ;;
     --wheels) WHEELS=$2; shift ;;
+    --llava-steps) LLAVA_STEPS=$2; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -177,12 +181,23 @@ fi
 if [ "$DRY" = 1 ]; then
   BENCH=(--cases 512x64x1000 --rounds 1)
 else
-  BENCH=(--gpu)  # 16384x4096x152064, bf16, CUDA, Triton vs naive torch
+  BENCH=(--gpu --rounds 2)  # 16384x4096x152064, bf16, CUDA, Triton vs naive torch
 fi
 if wanted bench; then
   run_step bench 150 "$PY" benchmarks/bench_logprobs.py "${BENCH[@]}" --json "$WORK/results/bench.json"
 else
   skip_step bench "not in --steps"
+fi
+# The trainer end to end on the GPU: the plain twin against the fast path (each switch alone
+# would triple the minutes; `bench_train.py --gpu` runs them). Its CPU form runs in `make
+# bench`; at toy sizes it would add minutes to the dry run and test nothing that run does not.
+if [ "$DRY" = 1 ]; then
+  skip_step train_bench "dry run: make bench runs it on the CPU"
+elif wanted train_bench; then
+  run_step train_bench 240 "$PY" benchmarks/bench_train.py --gpu --variants "fast path" --assets "$ASSETS" \
+    --model-cache "$WORK/bench_train_models" --json "$WORK/results/train_bench.json"
+else
+  skip_step train_bench "not in --steps"
 fi
 
 # ---- 5. demo DPO: configs/demo.yaml, ZeRO-3, one process -------------------------------
@@ -205,7 +220,7 @@ if [ "$DRY" = 1 ]; then
   L7B=(train.max_steps=2 train.pairs_per_step=4 train.micro_batch_pairs=2)
 else
   SMALL=()
-  L7B=(train.max_steps=20)
+  L7B=("train.max_steps=$LLAVA_STEPS")
 fi
 if ! wanted llava7b; then
   skip_step llava7b_build "not in --steps"
@@ -255,6 +270,7 @@ if [ -n "${OUT:-}" ]; then
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$OUT/${run%_run}_metrics.jsonl"
   done
   [ -f "$WORK/results/layouts.json" ] && cp "$WORK/results/layouts.json" "$OUT/layouts.json"
+  [ -f "$WORK/results/train_bench.json" ] && cp "$WORK/results/train_bench.json" "$OUT/train_bench.json"
 fi
 say "gpu check finished in ${SECONDS}s; log $LOG, summary $SUMMARY"
 exit "$FAILED"

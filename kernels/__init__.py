@@ -11,7 +11,7 @@ backward; the fused paths keep one block of them at a time.
 
 import torch
 from safevid.kernels.reference import naive_logprobs
-from safevid.kernels.torch_chunked import TOKEN_CHUNK, VOCAB_CHUNK, chunked_logprobs
+from safevid.kernels.torch_chunked import chunked_logprobs
 
 __all__ = ["BACKENDS", "fused_logprobs", "naive_logprobs"]
 
@@ -33,8 +33,8 @@ def fused_logprobs(
     ignore_index: int = -100,
     *,
     backend: str = "auto",
-    token_chunk: int = TOKEN_CHUNK,
-    vocab_chunk: int = VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-token log p(label) = h . w_label - logsumexp(h W^T), never materialising [N, V].
 
@@ -45,8 +45,10 @@ def fused_logprobs(
         backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch"
             (chunked, any device) or "auto" (triton for CUDA tensors when triton imports,
             else torch).
-        token_chunk, vocab_chunk: block sizes of the torch back end; its peak extra memory is
-            one fp32 [token_chunk, vocab_chunk] block. The Triton back end autotunes its own.
+        token_chunk, vocab_chunk: block sizes of the torch back end and of the Triton back
+            end's backward (which is the torch one's); its peak extra memory is one fp32
+            [token_chunk, vocab_chunk] block. Default: 1024 x 2048 on CPU, 4096 x 8192 on CUDA.
+            The Triton forward autotunes its own tiles.
 
     Returns:
         float32 [N]: log p(label), 0 at ignored positions. Differentiable in ``hidden`` and

@@ -3,8 +3,18 @@
 Forward keeps a running max and sum-of-exp per token across vocabulary chunks (online
 logsumexp) and picks the label logit out of the chunk that holds it. Backward recomputes each
 [token_chunk, vocab_chunk] block of logits, turns it into d logp / d logits in place and feeds
-it straight into two matmuls, so neither pass ever holds more than one block of logits.
+it straight into two matmuls, so neither pass ever holds more than one block of logits. The
+Triton back end shares this backward (`blockwise_backward`).
+
+Every block's logits are fp32 sums of the inputs' products. On CUDA, bf16/fp16 blocks go to
+the tensor cores as they are, with fp32 output (`torch.mm(..., out_dtype=torch.float32)`):
+upcasting them first, as the CPU does, would run the matmuls at the fp32 (non-tensor-core)
+rate, measured 20x slower than the naive path's bf16 matmuls on an H200. There d logits are
+rounded to the input dtype for the two gradient matmuls, as the naive path's autograd does.
 """
+
+import functools
+import warnings
 
 import torch
 
@@ -12,6 +22,43 @@ import torch
 # small next to the 2-3 GiB a typical [N, V] costs.
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 2048
+# On a GPU a block that small is launch-bound (1,200 blocks of several kernels each for 16k
+# tokens and a 152k vocabulary): 4096 x 8192 fp32 = 128 MiB, a few percent of [N, V].
+CUDA_TOKEN_CHUNK = 4096
+CUDA_VOCAB_CHUNK = 8192
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def default_chunks(device: torch.device) -> tuple[int, int]:
+    """(token_chunk, vocab_chunk) for blocks on `device`."""
+    if device.type == "cuda":
+        return CUDA_TOKEN_CHUNK, CUDA_VOCAB_CHUNK
+    return TOKEN_CHUNK, VOCAB_CHUNK
+
+
+@functools.cache
+def _half_mm_fp32_out(device: str, dtype: torch.dtype) -> bool:
+    """Whether this torch multiplies half tensors on `device` into fp32 (mm's out_dtype)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        warnings.warn(f"torch {torch.__version__} cannot multiply {dtype} into float32 on "
+                      f"{device} (torch.mm out_dtype): the fused log-probs upcast each block "
+                      "and run fp32 matmuls, which is several times slower", stacklevel=3)
+        return False
+
+
+def _tensor_cores(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in _HALF and _half_mm_fp32_out(str(t.device), t.dtype)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32: half operands on the tensor cores with fp32 output where the device can,
+    else upcast (exact products either way: a bf16/fp16 product fits an fp32)."""
+    if _tensor_cores(a):
+        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
 
 
 def _blocks(total: int, size: int) -> list[tuple[int, int]]:
@@ -24,9 +71,18 @@ def _block_buffer(n: int, v: int, token_chunk: int, vocab_chunk: int, device) ->
     return torch.empty(min(n, token_chunk) * min(v, vocab_chunk), device=device)
 
 
-def _logits(buf: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _logits(buf: torch.Tensor | None, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of one block, into `buf` where given (the upcast path)."""
+    if buf is None:
+        return _mm(h, w.T)
     out = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
-    return torch.mm(h, w.T, out=out)
+    return torch.mm(h.float(), w.float().T, out=out)
+
+
+def _operand(t: torch.Tensor, fast: bool) -> torch.Tensor:
+    # fp32 accumulation for half inputs: upcast one block, not the whole head, unless the
+    # tensor cores take the block as it is.
+    return t if fast else t.float()
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -46,12 +102,13 @@ class ChunkedLogprobs(torch.autograd.Function):
         run_sum = torch.zeros(n, device=hidden.device)
         target = torch.zeros(n, device=hidden.device)
         tokens = _blocks(n, token_chunk)
-        buf = _block_buffer(n, weight.shape[0], token_chunk, vocab_chunk, hidden.device)
+        fast = _tensor_cores(hidden)
+        buf = None if fast else _block_buffer(n, weight.shape[0], token_chunk, vocab_chunk,
+                                              hidden.device)
         for v0, v1 in _blocks(weight.shape[0], vocab_chunk):
-            # fp32 accumulation for half inputs: upcast one vocab block, not the whole head.
-            w = weight[v0:v1].float()
+            w = _operand(weight[v0:v1], fast)
             for t0, t1 in tokens:
-                logits = _logits(buf, hidden[t0:t1].float(), w)
+                logits = _logits(buf, _operand(hidden[t0:t1], fast), w)
                 _take_label_logits(logits, labels[t0:t1], v0, target[t0:t1])
                 m = run_max[t0:t1]
                 m_new = torch.maximum(m, logits.amax(dim=1))
@@ -66,31 +123,51 @@ class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, labels, lse = ctx.saved_tensors
-        token_chunk, vocab_chunk = ctx.chunks
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = grad_out.float()
-        # Accumulate in fp32; for fp32 inputs the accumulators are the returned grads themselves.
-        grad_h = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
-        tokens = _blocks(hidden.shape[0], token_chunk)
-        buf = _block_buffer(*lse.shape, weight.shape[0], token_chunk, vocab_chunk, lse.device)
-        for v0, v1 in _blocks(weight.shape[0], vocab_chunk):
-            w = weight[v0:v1].float()
-            for t0, t1 in tokens:
-                h = hidden[t0:t1].float()
-                # d logp_i / d logit_ij = 1[j == label_i] - softmax_ij, scaled by grad_out_i.
-                dlogits = _logits(buf, h, w).sub_(lse[t0:t1].unsqueeze(1)).exp_()
-                dlogits.mul_(-g[t0:t1].unsqueeze(1))
-                _add_label_grads(dlogits, labels[t0:t1], v0, g[t0:t1])
+        grad_h, grad_w = blockwise_backward(
+            hidden, weight, labels, lse, grad_out, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1], *ctx.chunks)
+        return grad_h, grad_w, None, None, None
+
+
+def blockwise_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, need_h: bool, need_w: bool, token_chunk: int, vocab_chunk: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Grads of sum(grad_out * logp) in `hidden` [N, H] and `weight` [V, H], given the
+    forward's per-row logsumexp, one recomputed [token_chunk, vocab_chunk] block at a time;
+    returned in the inputs' dtype (None where not needed)."""
+    g = grad_out.float()
+    # Accumulate in fp32; for fp32 inputs the accumulators are the returned grads themselves.
+    grad_h = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
+    if not (need_h or need_w) or not hidden.shape[0]:
+        return (grad_h.to(hidden.dtype) if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None)
+    tokens = _blocks(hidden.shape[0], token_chunk)
+    fast = _tensor_cores(hidden)
+    buf = None if fast else _block_buffer(*lse.shape, weight.shape[0], token_chunk,
+                                          vocab_chunk, lse.device)
+    for v0, v1 in _blocks(weight.shape[0], vocab_chunk):
+        w = _operand(weight[v0:v1], fast)
+        for t0, t1 in tokens:
+            h = _operand(hidden[t0:t1], fast)
+            # d logp_i / d logit_ij = 1[j == label_i] - softmax_ij, scaled by grad_out_i.
+            dlogits = _logits(buf, h, w).sub_(lse[t0:t1].unsqueeze(1)).exp_()
+            dlogits.mul_(-g[t0:t1].unsqueeze(1))
+            _add_label_grads(dlogits, labels[t0:t1], v0, g[t0:t1])
+            if fast:  # d logits rounded to the inputs' dtype for the tensor cores
+                dlogits = dlogits.to(hidden.dtype)
+                if need_h:
+                    grad_h[t0:t1].add_(_mm(dlogits, w))
+                if need_w:
+                    grad_w[v0:v1].add_(_mm(dlogits.T, h))
+            else:
                 if need_h:
                     grad_h[t0:t1].addmm_(dlogits, w)
                 if need_w:
                     grad_w[v0:v1].addmm_(dlogits.T, h)
-        if need_h:
-            grad_h = grad_h.to(hidden.dtype)
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+    return (grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None)
 
 
 def _label_hits(labels: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +191,18 @@ def chunked_logprobs(
     labels: torch.Tensor,
     ignore_index: int = -100,
     *,
-    token_chunk: int = TOKEN_CHUNK,
-    vocab_chunk: int = VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-token log p(label), float32 [N], 0 where ignored.
 
     Peak extra memory beyond the returned grads: one fp32 [token_chunk, vocab_chunk] block,
     a copy of the non-ignored rows of ``hidden`` when some rows are ignored, and fp32 grad
-    accumulators when the inputs are bf16/fp16.
+    accumulators when the inputs are bf16/fp16. Chunks default to `default_chunks(device)`.
     """
+    default_t, default_v = default_chunks(hidden.device)
+    token_chunk = default_t if token_chunk is None else token_chunk
+    vocab_chunk = default_v if vocab_chunk is None else vocab_chunk
     if token_chunk < 1 or vocab_chunk < 1:
         raise ValueError(f"chunk sizes must be positive, got {token_chunk=} {vocab_chunk=}")
     rows = (labels != ignore_index).nonzero().squeeze(1)

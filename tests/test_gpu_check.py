@@ -40,6 +40,7 @@ def test_gpu_check_dry_run(demo_assets, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert status == {"install": "skipped", "device": "ok", "kernels": "ok", "bench": "ok",
+                      "train_bench": "skipped",
                       "demo_dpo": "ok", "llava7b_build": "ok", "llava7b_dpo": "ok",
                       "layouts_bench": "ok", "demo_packed": "ok", "qwen_demo": "ok"}
     for name in RUNS:
