@@ -15,11 +15,11 @@ pairs in the same order (same shards, seed and steps), from the same random-init
     fast, unpacked   shared-prefix, one pair per     fused      precomputed
                      row (data.packing=false)
 
-The last row is not one of the issue's variants: it is the fast path as a CPU should run it.
-On CPU attention is SDPA with a dense [L, L] mask, which computes every entry of a row, so
-packing two ~730-token pairs into one row doubles the attention work those pairs need, and the
-CPU's attention backward is slow. (The GPU path's FlexAttention block mask skips the blocks no
-query may see, so packing costs nothing there.)
+The last row is not one of the issue's variants: it shows what packing costs or saves. With
+SDPA over a whole row and a dense [L, L] mask (`model.attention=sdpa_mask`), packing two
+~730-token pairs into one row doubles the attention work those pairs need; the CPU default,
+`sdpa_units`, runs SDPA once per unit of a row, as the GPU's FlexAttention block mask skips
+the blocks no query may see, so packing costs no attention work there.
 
 Precomputed reference log-probs are stamped with the row layout (padded or shared-prefix), so
 each gets its own `safevid precompute-ref` run into its own directory. Both are timed and

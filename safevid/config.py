@@ -28,7 +28,8 @@ class ModelConfig:
     freeze_vision: bool = True  # the LLaVA-NeXT-Video DPO recipe trains only the language model
     freeze_projector: bool = True
     # auto: FlexAttention on GPU (flash-attn varlen when installed and the layout allows it),
-    # SDPA with a mask on CPU. Or sdpa_mask | flex | flash_varlen. Printed at start-up.
+    # SDPA once per unit of a row on CPU (sdpa_units). Or sdpa_mask | sdpa_units | flex |
+    # flash_varlen. Printed at start-up.
     attention: str = "auto"
     dtype: str = "auto"  # auto: bf16 where the device has it, else fp32
     trust_remote_code: bool = False

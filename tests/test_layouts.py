@@ -120,6 +120,62 @@ def test_flex_attention_matches_the_dense_mask(demo_assets):
     torch.testing.assert_close(flex, dense, rtol=1e-6, atol=2e-4)
 
 
+def test_units_attention_matches_the_dense_mask(tiny, demo_assets):
+    """`sdpa_units` (SDPA per piece of each row, the CPU default) against SDPA with the whole
+    row's dense mask: per-answer log-probs and the gradient of every trainable weight (fp32),
+    shared-prefix rows packed several units to a row, and padded rows. A cut inside a unit
+    (an answer cut off from its prompt) changes both."""
+    from safevid.models.dpo_model import load
+
+    model_dir, family = tiny
+    pairs = _varied_pairs(demo_assets)
+    for layout in ("shared-prefix", "padded"):
+        data = _data(*LAYOUTS[layout])
+        got = {}
+        for backend in ("sdpa_mask", "sdpa_units"):
+            torch.manual_seed(0)
+            m = load(str(model_dir), torch.float32, fused=False, family=family, backend=backend)
+            m.model.eval()
+            batch = Batcher(m, data)(copy.deepcopy(pairs))
+            inputs = batch_inputs(batch.to("cpu", torch.float32))
+            if layout == "shared-prefix":
+                assert batch.input_ids.shape[0] < len(pairs)  # several units in a row
+            logps, _ = m.model(**inputs)
+            logps.sum().backward()
+            grads = {n: p.grad.clone() for n, p in m.model.named_parameters()
+                     if p.grad is not None}
+            got[backend] = (logps.detach().double(), grads)
+        (dense, dense_g), (units, units_g) = got["sdpa_mask"], got["sdpa_units"]
+        torch.testing.assert_close(units, dense, rtol=1e-6, atol=2e-4,
+                                   msg=lambda m, lay=layout: f"{lay}: {m}")
+        assert dense_g.keys() == units_g.keys() and dense_g
+        # Against the largest gradient anywhere: some are zero up to rounding (a key bias
+        # cancels in the softmax).
+        atol = 1e-6 * max(g.abs().max().item() for g in dense_g.values())
+        for name, g in dense_g.items():
+            torch.testing.assert_close(units_g[name], g, rtol=1e-4, atol=atol,
+                                       msg=lambda m, n=name, lay=layout: f"{lay} {n}: {m}")
+
+
+def test_units_pieces_cut_only_between_units():
+    """Cuts fall where no later query sees an earlier key: between units and around padding,
+    never inside a unit (a shared-prefix unit's rejected answer sees the prompt, not the
+    chosen answer before it); short pieces merge forward."""
+    from safevid.models.attention import allowed, pieces
+
+    # Row 0: unit of 5 (prompt 3, chosen 1, rejected 1), unit of 4, 3 padding tokens.
+    group = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1]])
+    branch = torch.tensor([[0, 0, 0, 1, 2, 0, 0, 1, 2, 0, 0, 0]])
+    mask = allowed(group, branch)
+    assert pieces(mask, min_piece=1) == [[(0, 5), (5, 9), (9, 10), (10, 11), (11, 12)]]
+    assert pieces(mask, min_piece=4) == [[(0, 5), (5, 9), (9, 12)]]
+    assert pieces(mask, min_piece=64) == [[(0, 12)]]
+    # The cut rule reads the mask: a unit whose rejected answer also saw the chosen one is
+    # still never cut.
+    mask[0, 0, 4, 3] = True
+    assert pieces(mask, min_piece=1)[0][:2] == [(0, 5), (5, 9)]
+
+
 def test_vision_tower_runs_once_per_video_per_micro_step(tiny, demo_assets):
     """Counted: one vision-tower call per micro-batch, over each distinct video once (two pairs
     of one video, and the shared prompt's single placeholder run per pair)."""

@@ -1,8 +1,13 @@
 """Attention backends for the row layouts of `safevid.data.collate`, chosen once at start-up.
 
 - `sdpa_mask`: a boolean [R, 1, L, L] mask built on the step's device from the per-token
-  `group` / `branch` ids, for torch's SDPA. Works everywhere; L^2 memory and work. The CPU
-  default (FlexAttention has no backward on CPU).
+  `group` / `branch` ids, for torch's SDPA. Works everywhere; L^2 memory and work. The
+  correctness twin of the others.
+- `sdpa_units`: the same mask, but each row is cut where no later query sees an earlier key
+  (between units, and around padding), and SDPA runs once per piece on its slice of the mask.
+  The work follows the sum of n^2 over units, as FlexAttention's does, on any device; a row of
+  two 730-token units costs half the attention of `sdpa_mask`. The CPU default (FlexAttention
+  has no backward on CPU).
 - `flex`: FlexAttention with a block mask made from the same ids: no [L, L] tensor, and blocks
   that no query may see are skipped, so the work follows the sum of n^2 over units rather than
   L^2. Every layout, shared-prefix included. The GPU default.
@@ -20,7 +25,12 @@ import importlib.util
 
 import torch
 
-BACKENDS = ("auto", "sdpa_mask", "flex", "flash_varlen")
+BACKENDS = ("auto", "sdpa_mask", "sdpa_units", "flex", "flash_varlen")
+# transformers' name for the `sdpa_units` attention function (registered on first use).
+UNITS_IMPLEMENTATION = "safevid_sdpa_units"
+# Pieces shorter than this are merged into the next (padding cuts a row at every token):
+# merging never changes the result, only adds a little work.
+MIN_PIECE = 64
 
 
 class AttentionError(ValueError):
@@ -34,11 +44,11 @@ def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
         if device.type != "cuda":
-            return "sdpa_mask"
+            return "sdpa_units"
         return "flash_varlen" if has_flash and not shared_prefix else "flex"
     if requested == "flex" and device.type != "cuda":
         raise AttentionError("model.attention=flex: FlexAttention has no backward pass on CPU; use "
-                             "model.attention=sdpa_mask (or auto) on CPU")
+                             "model.attention=sdpa_units (or auto) on CPU")
     if requested == "flash_varlen":
         if device.type != "cuda" or not has_flash:
             raise AttentionError("model.attention=flash_varlen needs a CUDA device and the "
@@ -53,8 +63,69 @@ def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
 def hf_attn_implementation(backend: str) -> dict[str, str]:
     """What transformers loads the model with: the backend for the language model; the vision
     tower (which never sees our rows) keeps SDPA."""
-    text = {"sdpa_mask": "sdpa", "flex": "flex_attention", "flash_varlen": "flash_attention_2"}[backend]
+    if backend == "sdpa_units":
+        register_units()
+    text = {"sdpa_mask": "sdpa", "sdpa_units": UNITS_IMPLEMENTATION, "flex": "flex_attention",
+            "flash_varlen": "flash_attention_2"}[backend]
     return {"text_config": text, "vision_config": "sdpa"}
+
+
+def pieces(mask: torch.Tensor, min_piece: int = MIN_PIECE) -> list[list[tuple[int, int]]]:
+    """Per row of an [R, 1, L, L] may-attend mask, the [start, end) pieces it can be cut into.
+
+    A row may be cut before position b when no query at or after b sees a key before b: with
+    first[i] the first key that query i sees, when min(first[b:]) == b. Read off the mask
+    itself, so any mask is cut exactly; pieces shorter than `min_piece` are merged forward.
+    """
+    R, L = mask.shape[0], mask.shape[-1]
+    if L == 0:
+        return [[] for _ in range(R)]
+    first = mask[:, 0].to(torch.uint8).argmax(dim=2)  # [R, L]: the first True per query
+    suffix_min = first.flip(1).cummin(dim=1).values.flip(1)
+    cuts = suffix_min == torch.arange(L, device=mask.device)
+    out = []
+    for row in cuts.cpu().tolist():
+        spans, start = [], 0
+        for b in (i for i, ok in enumerate(row) if ok and i > 0):
+            if b - start >= min_piece:
+                spans.append((start, b))
+                start = b
+        spans.append((start, L))
+        out.append(spans)
+    return out
+
+
+def units_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """transformers attention function of `sdpa_units`: SDPA per piece of each row (see
+    `pieces`). Exact: no query attends across a cut, so the pieces' outputs are the row's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise AttentionError("model.attention=sdpa_units needs the [R, 1, L, L] mask of "
+                             "safevid.models.attention.prepare; it got "
+                             f"{None if attention_mask is None else tuple(attention_mask.shape)}")
+    # Every layer gets the same mask object: its pieces are found once per forward. (An
+    # attribute of that object, so a recomputed forward under gradient checkpointing finds
+    # them too.)
+    spans = getattr(attention_mask, "_safevid_pieces", None)
+    if spans is None:
+        spans = pieces(attention_mask)
+        attention_mask._safevid_pieces = spans
+    rows = []
+    for r, row in enumerate(spans):
+        outs = [sdpa_attention_forward(
+            module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
+            attention_mask[r:r + 1, :, a:b, a:b], **kwargs)[0] for a, b in row]
+        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
+def register_units() -> None:
+    """Make `UNITS_IMPLEMENTATION` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(UNITS_IMPLEMENTATION, units_attention)
 
 
 def allowed(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -89,7 +160,7 @@ def block_mask(group: torch.Tensor, branch: torch.Tensor):
 
 def prepare(backend: str, group: torch.Tensor, branch: torch.Tensor):
     """The attention_mask argument for the language model (None for flash_varlen)."""
-    if backend == "sdpa_mask":
+    if backend in ("sdpa_mask", "sdpa_units"):
         return allowed(group, branch)
     if backend == "flex":
         return block_mask(group, branch)
@@ -98,7 +169,7 @@ def prepare(backend: str, group: torch.Tensor, branch: torch.Tensor):
 
 def mask_bytes(backend: str, rows: int, width: int, block: int = 128) -> int:
     """What the backend's mask takes in memory for `rows` x `width` tokens (for the benchmark)."""
-    if backend == "sdpa_mask":
+    if backend in ("sdpa_mask", "sdpa_units"):
         return rows * width * width  # bool
     if backend == "flex":
         blocks = -(-width // block)
