@@ -241,13 +241,13 @@ def launch(command: str, overrides: list[str], log: Path, world: int, gpu: bool)
     return {"wall_s": wall, "cpu_share": cpu / (wall * (os.cpu_count() or 1))}
 
 
-def import_baseline_mib(gpu: bool) -> float:
+def import_baseline_mib() -> float:
     """Resident high-water mark of a process that has only imported what a rank imports."""
     code = ("import resource, torch, deepspeed, transformers, safevid.train, safevid.dpo, "
             "safevid.engine, safevid.models.dpo_model; "
             "from transformers import LlavaNextVideoForConditionalGeneration; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(gpu), cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(False), cwd=REPO,
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_before": os.getloadavg()[0], "model": str(model), "shape": model_shape(model),
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "pairs_per_step": args.pairs_per_step, "micro_batch_pairs": args.micro_batch_pairs,
-        "work": str(work), "import_baseline_mib": 0.0 if gpu else import_baseline_mib(gpu),
+        "work": str(work), "import_baseline_mib": 0.0 if gpu else import_baseline_mib(),
         "precompute": {},
         "variants": {},
     }

@@ -6,8 +6,9 @@
 #   2. prints the device and the package versions, and fails unless DeepSpeed picks CUDA;
 #   3. runs tests/test_kernels.py, its CUDA tests included (Triton compiled, bf16 and fp32);
 #   4. runs the log-prob benchmark at N=16384, H=4096, V=152064 in bf16 (Triton vs naive),
-#      and the trainer benchmark (benchmarks/bench_train.py --gpu: the plain twin against the
-#      fast path, bf16, MFU);
+#      and, when named in --steps, the trainer benchmark (benchmarks/bench_train.py --gpu: the
+#      plain twin against the fast path, bf16, MFU; about 4 minutes, which the 8-minute budget
+#      of the other steps has no room for);
 #   5. trains 20 ZeRO-3 bf16 DPO steps of configs/demo.yaml on one GPU;
 #   6. builds a random LLaVA-NeXT-Video from the 7B config with fewer text layers
 #      (--layers, default 14) and trains 20 DPO steps (--llava-steps) of it on the demo shards: ZeRO-3, bf16,
@@ -25,7 +26,9 @@
 # Options: --layers N (text layers of the 7B-shaped model; 32 is the full 7B), --assets DIR (demo assets, built
 # there when missing), --work DIR (scratch; default a new folder under /tmp), --budget S (total
 # seconds), --steps a,b,... (run only these steps: install device kernels bench train_bench
-# demo_dpo llava7b layouts; default all), --wheels DIR (default .whl), --llava-steps N. With OUT set, the log, summary.json and both runs' metrics are copied to $OUT.
+# demo_dpo llava7b layouts; default all but train_bench), --wheels DIR (default .whl),
+# --llava-steps N (default 20). With OUT set, the log, summary.json and the runs' metrics are
+# copied to $OUT.
 #
 # Peak memory is torch.cuda.max_memory_allocated() read in the training process once the run
 # has ended (benchmarks/gpu_check.py train); on CPU it is the process's peak resident set.
@@ -193,11 +196,11 @@ fi
 # bench`; at toy sizes it would add minutes to the dry run and test nothing that run does not.
 if [ "$DRY" = 1 ]; then
   skip_step train_bench "dry run: make bench runs it on the CPU"
-elif wanted train_bench; then
+elif [[ ",$STEPS," == *",train_bench,"* ]]; then  # only when named
   run_step train_bench 240 "$PY" benchmarks/bench_train.py --gpu --variants "fast path" --assets "$ASSETS" \
     --model-cache "$WORK/bench_train_models" --json "$WORK/results/train_bench.json"
 else
-  skip_step train_bench "not in --steps"
+  skip_step train_bench "not named in --steps"
 fi
 
 # ---- 5. demo DPO: configs/demo.yaml, ZeRO-3, one process -------------------------------

@@ -79,6 +79,14 @@ def _logits(buf: torch.Tensor | None, h: torch.Tensor, w: torch.Tensor) -> torch
     return torch.mm(h.float(), w.float().T, out=out)
 
 
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 `acc`: in place where a and b are fp32, else through `_mm`."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(_mm(a, b))
+
+
 def _operand(t: torch.Tensor, fast: bool) -> torch.Tensor:
     # fp32 accumulation for half inputs: upcast one block, not the whole head, unless the
     # tensor cores take the block as it is.
@@ -157,15 +165,10 @@ def blockwise_backward(
             _add_label_grads(dlogits, labels[t0:t1], v0, g[t0:t1])
             if fast:  # d logits rounded to the inputs' dtype for the tensor cores
                 dlogits = dlogits.to(hidden.dtype)
-                if need_h:
-                    grad_h[t0:t1].add_(_mm(dlogits, w))
-                if need_w:
-                    grad_w[v0:v1].add_(_mm(dlogits.T, h))
-            else:
-                if need_h:
-                    grad_h[t0:t1].addmm_(dlogits, w)
-                if need_w:
-                    grad_w[v0:v1].addmm_(dlogits.T, h)
+            if need_h:
+                _accumulate(grad_h[t0:t1], dlogits, w)
+            if need_w:
+                _accumulate(grad_w[v0:v1], dlogits.T, h)
     return (grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None)
 
