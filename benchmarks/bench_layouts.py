@@ -21,7 +21,7 @@ answers with the demo mix's spread scaled to a 300-token mean, 8 pairs per micro
 [R, 1, L, L] mask (SDPA computes every entry), with FlexAttention's block mask (128 x 128 blocks
 that hold at least one allowed entry), and exactly (allowed entries only), with the mask's bytes.
 
-    python benchmarks/bench_layouts.py            # CPU, fp32, SDPA with a mask
+    python benchmarks/bench_layouts.py            # CPU, fp32, sdpa_units
     python benchmarks/bench_layouts.py --gpu      # CUDA, bf16, FlexAttention, a wider model
 """
 

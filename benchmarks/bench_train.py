@@ -1,6 +1,6 @@
 """End-to-end DPO training: the plain twin against the fast path, and each switch alone, in one run.
 
-Every variant is a real 2-rank ZeRO-3 run of `safevid train` (CPU processes over gloo, one
+Every variant is a real 2-rank (--world) ZeRO-3 run of `safevid train` (CPU processes over gloo, one
 thread each, launched one after the other through `python -m safevid.launcher`) on the same
 pairs in the same order (same shards, seed and steps), from the same random-initialised model:
 
@@ -46,13 +46,13 @@ From each run's metrics.jsonl (rank 0 writes one record per optimizer step):
   and each keeps its fastest round: on a small shared machine the speed drifts by tens of
   percent over minutes, more than some of the differences measured.
 - peak memory: the process's resident high-water mark (ru_maxrss) at the last step, the
-  larger of the 2 ranks. It includes what such a process holds before any training (python,
+  largest of the ranks. It includes what such a process holds before any training (python,
   torch, deepspeed, transformers and the trainer's modules: the "import baseline" printed
   above the table, measured in a bare process that only imports them). A high-water mark
   also keeps what the allocator has not given back, so differences under ~100 MiB are noise.
 - step-1 loss and grad norm, clipping off: the policy starts as the reference, so the step-1
   loss is log 2 up to rounding in every variant; the grad norm is what shows that every path
-  computes the same gradient. Both must agree within --rtol (fp32). The loss of the last step
+  computes the same gradient. Both must agree within --rtol (1e-5 in fp32). The loss of the last step
   (after the same updates on the same pairs) is compared too, and printed.
 
 Model FLOPs of one optimizer step, all ranks together, so that MFU = achieved FLOP/s / peak
@@ -66,8 +66,9 @@ FLOP/s can be read off for any machine (the CPU is named; `--peak-tflops` prints
   encoded once).
 T and A come from the runs themselves: for the same step, padded tokens - shared-prefix tokens
 = the prompts' tokens (padded rows hold each prompt twice). The attention term uses the step's
-mean prompt and answer lengths. Padding, masked entries (CPU's SDPA computes the whole dense
-[L, L] mask) and the fused path's recomputed logits are not model FLOPs.
+mean prompt and answer lengths. Padding, masked entries (`sdpa_mask` computes the whole dense
+[L, L] mask; `sdpa_units` those of each unit) and the fused path's recomputed logits are not
+model FLOPs.
 
 The table's "CPU share" column (the kept run's CPU time over wall time x cores) drops for a
 run that had to share the cores with other work.
@@ -479,7 +480,8 @@ def print_report(r: dict, rtol: float, peak_tflops: float | None) -> None:
         if peak_tflops else "")
     print(f"\nstep s: mean over the timed steps (the fastest). CPU share: the run's CPU time over "
           f"its wall time x cores, start-up included; one well below the others had to share the "
-          f"cores with other work. GFLOP/step: model FLOPs of one optimizer step, both ranks; "
+          f"cores with other work (on a GPU it reads low: the GPU does the work). GFLOP/step: "
+          f"model FLOPs of one optimizer step, all ranks; "
           f"GFLOP/s: those over the step time. MFU = GFLOP/s / the machine's peak.{mfu}")
     print("pairs/s of each round: " + ", ".join(
         n + " " + " / ".join(f"{y['pairs_per_s']:.2f}" for y in x["rounds"]) for n, x in v.items()))
@@ -556,8 +558,11 @@ def main() -> int:
         if not torch.cuda.is_available():
             p.error("--gpu: torch sees no CUDA device (torch.cuda.is_available() is False)")
         args.world = args.world or torch.cuda.device_count()
+        if args.world > torch.cuda.device_count():
+            p.error(f"--world {args.world}: only {torch.cuda.device_count()} GPUs are visible")
     args.world = args.world or 2
-    names = (args.variants.split(",") if args.variants else GPU_VARIANTS if gpu else list(VARIANTS))
+    names = ([n.strip() for n in args.variants.split(",")] if args.variants
+             else GPU_VARIANTS if gpu else list(VARIANTS))
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")

@@ -197,7 +197,7 @@ fi
 if [ "$DRY" = 1 ]; then
   skip_step train_bench "dry run: make bench runs it on the CPU"
 elif [[ ",$STEPS," == *",train_bench,"* ]]; then  # only when named
-  run_step train_bench 240 "$PY" benchmarks/bench_train.py --gpu --variants "fast path" --assets "$ASSETS" \
+  run_step train_bench 300 "$PY" benchmarks/bench_train.py --gpu --variants "fast path" --assets "$ASSETS" \
     --model-cache "$WORK/bench_train_models" --json "$WORK/results/train_bench.json"
 else
   skip_step train_bench "not named in --steps"

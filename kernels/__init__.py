@@ -72,7 +72,7 @@ def fused_logprobs(
     if backend == "triton":
         from safevid.kernels.triton_logprobs import triton_logprobs
 
-        return triton_logprobs(hidden, weight, labels, ignore_index)
+        return triton_logprobs(hidden, weight, labels, ignore_index, token_chunk, vocab_chunk)
     if backend == "torch":
         return chunked_logprobs(
             hidden, weight, labels, ignore_index, token_chunk=token_chunk, vocab_chunk=vocab_chunk

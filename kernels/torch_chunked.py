@@ -29,11 +29,17 @@ CUDA_VOCAB_CHUNK = 8192
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def default_chunks(device: torch.device) -> tuple[int, int]:
-    """(token_chunk, vocab_chunk) for blocks on `device`."""
-    if device.type == "cuda":
-        return CUDA_TOKEN_CHUNK, CUDA_VOCAB_CHUNK
-    return TOKEN_CHUNK, VOCAB_CHUNK
+def resolve_chunks(device: torch.device, token_chunk: int | None,
+                   vocab_chunk: int | None) -> tuple[int, int]:
+    """(token_chunk, vocab_chunk) for blocks on `device`: the given ones, checked, or the
+    device's defaults."""
+    default_t, default_v = ((CUDA_TOKEN_CHUNK, CUDA_VOCAB_CHUNK) if device.type == "cuda"
+                            else (TOKEN_CHUNK, VOCAB_CHUNK))
+    token_chunk = default_t if token_chunk is None else token_chunk
+    vocab_chunk = default_v if vocab_chunk is None else vocab_chunk
+    if token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"chunk sizes must be positive, got {token_chunk=} {vocab_chunk=}")
+    return token_chunk, vocab_chunk
 
 
 @functools.cache
@@ -144,13 +150,15 @@ def blockwise_backward(
     """Grads of sum(grad_out * logp) in `hidden` [N, H] and `weight` [V, H], given the
     forward's per-row logsumexp, one recomputed [token_chunk, vocab_chunk] block at a time;
     returned in the inputs' dtype (None where not needed)."""
+    if not hidden.shape[0]:  # no valid rows: zero grads, no fp32 accumulators
+        return (torch.zeros_like(hidden) if need_h else None,
+                torch.zeros_like(weight) if need_w else None)
     g = grad_out.float()
     # Accumulate in fp32; for fp32 inputs the accumulators are the returned grads themselves.
     grad_h = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
-    if not (need_h or need_w) or not hidden.shape[0]:
-        return (grad_h.to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None)
+    if not (need_h or need_w):
+        return None, None
     tokens = _blocks(hidden.shape[0], token_chunk)
     fast = _tensor_cores(hidden)
     buf = None if fast else _block_buffer(*lse.shape, weight.shape[0], token_chunk,
@@ -199,15 +207,13 @@ def chunked_logprobs(
 ) -> torch.Tensor:
     """Per-token log p(label), float32 [N], 0 where ignored.
 
-    Peak extra memory beyond the returned grads: one fp32 [token_chunk, vocab_chunk] block,
-    a copy of the non-ignored rows of ``hidden`` when some rows are ignored, and fp32 grad
-    accumulators when the inputs are bf16/fp16. Chunks default to `default_chunks(device)`.
+    Peak extra memory beyond the returned grads: one fp32 [token_chunk, vocab_chunk] block
+    (on CUDA with half inputs also its half copy and the two gradient matmuls' fp32 outputs,
+    [token_chunk, H] and [vocab_chunk, H]), a copy of the non-ignored rows of ``hidden`` when
+    some rows are ignored, and fp32 grad accumulators when the inputs are bf16/fp16. Chunks
+    default to 1024 x 2048 on CPU and 4096 x 8192 on CUDA (`resolve_chunks`).
     """
-    default_t, default_v = default_chunks(hidden.device)
-    token_chunk = default_t if token_chunk is None else token_chunk
-    vocab_chunk = default_v if vocab_chunk is None else vocab_chunk
-    if token_chunk < 1 or vocab_chunk < 1:
-        raise ValueError(f"chunk sizes must be positive, got {token_chunk=} {vocab_chunk=}")
+    token_chunk, vocab_chunk = resolve_chunks(hidden.device, token_chunk, vocab_chunk)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     if rows.numel() == labels.numel():
         return ChunkedLogprobs.apply(hidden, weight, labels, token_chunk, vocab_chunk)

@@ -11,8 +11,9 @@ and added its share of d hidden and d weight with fp32 atomics was measured on a
 the naive path's time (16384 x 4096 x 152064, bf16): every tile wrote [BLOCK_N + BLOCK_V, H]
 fp32 atomics, about 900 GB in all.
 
-Ignored tokens never reach the kernels: they get a list of the valid row indices and gather
-rows through it, so prompt and video tokens cost nothing and need no copy.
+Ignored tokens never reach the kernel: it gets a list of the valid row indices and gathers
+rows through it, so prompt and video tokens cost nothing and need no copy in the forward (the
+backward copies the valid rows once, for its matmuls).
 """
 
 import os
@@ -20,7 +21,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from safevid.kernels.torch_chunked import blockwise_backward, default_chunks
+from safevid.kernels.torch_chunked import blockwise_backward, resolve_chunks
 
 # The interpreter runs one config at a time and fails on several; read the same knob that
 # triton.jit reads when these kernels are defined below.
@@ -105,7 +106,7 @@ class TritonLogprobs(torch.autograd.Function):
     """Autograd function over the rows listed in ``rows``; see `triton_logprobs`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, labels):
+    def forward(ctx, hidden, weight, rows, labels, token_chunk, vocab_chunk):
         n_rows, (vocab, dim) = rows.numel(), weight.shape
         out = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -116,6 +117,7 @@ class TritonLogprobs(torch.autograd.Function):
                 hidden.stride(0), weight.stride(0), PRECISION=_precision(hidden.dtype),
             )
         ctx.save_for_backward(hidden, weight, rows, labels, lse)
+        ctx.chunks = (token_chunk, vocab_chunk)
         return out
 
     @staticmethod
@@ -124,17 +126,19 @@ class TritonLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh_rows, dw = blockwise_backward(
             hidden.index_select(0, rows), weight, labels, lse, grad_out, need_dh, need_dw,
-            *default_chunks(hidden.device))
+            *ctx.chunks)
         dh = None
         if need_dh:  # ignored rows get zeros
             dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_rows)
-        return dh, dw, None, None
+        return dh, dw, None, None, None, None
 
 
 def triton_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    token_chunk: int | None = None, vocab_chunk: int | None = None,
 ) -> torch.Tensor:
-    """Per-token log p(label) through the Triton kernels: float32 [N], 0 where ignored."""
+    """Per-token log p(label) through the Triton forward: float32 [N], 0 where ignored. The
+    chunks size the blockwise backward's blocks (`torch_chunked.resolve_chunks`)."""
     if not (hidden.is_cuda or INTERPRET):
         raise RuntimeError(
             "the triton back end needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
@@ -143,6 +147,7 @@ def triton_logprobs(
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     rows = (labels != ignore_index).nonzero().squeeze(1)
-    logp = TritonLogprobs.apply(hidden, weight, rows, labels[rows].contiguous())
+    chunks = resolve_chunks(hidden.device, token_chunk, vocab_chunk)
+    logp = TritonLogprobs.apply(hidden, weight, rows, labels[rows].contiguous(), *chunks)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     return out.index_put((rows,), logp)

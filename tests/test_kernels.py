@@ -195,6 +195,9 @@ def check_triton_cases() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for n, h, v in [(1, 17, 31), (7, 17, 31), (40, 64, 100)]:
             check_against_reference(fused_logprobs, n, h, v, dtype, backend="triton")
+    # The chunks reach the backward's blocks (several token and vocabulary blocks here).
+    check_against_reference(fused_logprobs, 40, 64, 100, torch.float32, backend="triton",
+                            token_chunk=7, vocab_chunk=16)
     hidden, weight, labels, _ = _inputs(20, 32, 50, torch.float32)
     weight.requires_grad_(False)
     fused_logprobs(hidden, weight, labels, backend="triton").sum().backward()

@@ -171,9 +171,11 @@ def test_units_pieces_cut_only_between_units():
     assert pieces(mask, min_piece=4) == [[(0, 5), (5, 9), (9, 12)]]
     assert pieces(mask, min_piece=64) == [[(0, 12)]]
     # The cut rule reads the mask: a unit whose rejected answer also saw the chosen one is
-    # still never cut.
+    # still never cut, nor one whose early token sees a later one (a non-causal mask).
     mask[0, 0, 4, 3] = True
     assert pieces(mask, min_piece=1)[0][:2] == [(0, 5), (5, 9)]
+    mask[0, 0, 1, 7] = True
+    assert pieces(mask, min_piece=1)[0][:1] == [(0, 9)]
 
 
 def test_vision_tower_runs_once_per_video_per_micro_step(tiny, demo_assets):

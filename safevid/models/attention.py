@@ -73,16 +73,22 @@ def hf_attn_implementation(backend: str) -> dict[str, str]:
 def pieces(mask: torch.Tensor, min_piece: int = MIN_PIECE) -> list[list[tuple[int, int]]]:
     """Per row of an [R, 1, L, L] may-attend mask, the [start, end) pieces it can be cut into.
 
-    A row may be cut before position b when no query at or after b sees a key before b: with
-    first[i] the first key that query i sees, when min(first[b:]) == b. Read off the mask
-    itself, so any mask is cut exactly; pieces shorter than `min_piece` are merged forward.
+    A row may be cut before position b when no query at or after b sees a key before b, and
+    no query before b sees a key at or after b: with first[i] / last[i] the first / last key
+    that query i sees, when min(first[b:]) >= b and max(last[:b]) < b. Read off the mask
+    itself, so any boolean mask is cut exactly (causal or not); pieces shorter than
+    `min_piece` are merged forward, which only adds work.
     """
     R, L = mask.shape[0], mask.shape[-1]
     if L == 0:
         return [[] for _ in range(R)]
-    first = mask[:, 0].to(torch.uint8).argmax(dim=2)  # [R, L]: the first True per query
+    seen = mask[:, 0].to(torch.uint8)
+    first = seen.argmax(dim=2)  # [R, L]: the first key each query sees
+    last = (L - 1) - seen.flip(2).argmax(dim=2)  # and the last
+    positions = torch.arange(L, device=mask.device)
     suffix_min = first.flip(1).cummin(dim=1).values.flip(1)
-    cuts = suffix_min == torch.arange(L, device=mask.device)
+    prefix_max = torch.cat([torch.full_like(last[:, :1], -1), last.cummax(dim=1).values[:, :-1]], 1)
+    cuts = (suffix_min >= positions) & (prefix_max < positions)
     out = []
     for row in cuts.cpu().tolist():
         spans, start = [], 0
@@ -101,17 +107,22 @@ def units_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     `pieces`). Exact: no query attends across a cut, so the pieces' outputs are the row's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is None or attention_mask.dim() != 4:
-        raise AttentionError("model.attention=sdpa_units needs the [R, 1, L, L] mask of "
-                             "safevid.models.attention.prepare; it got "
-                             f"{None if attention_mask is None else tuple(attention_mask.shape)}")
+    R, L = query.shape[0], query.shape[2]
+    if (attention_mask is None or attention_mask.dtype != torch.bool
+            or tuple(attention_mask.shape) != (R, 1, L, key.shape[2]) or key.shape[2] != L):
+        got = None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
+        raise AttentionError("model.attention=sdpa_units needs one boolean [R, 1, L, L] mask per "
+                             "row, as safevid.models.attention.prepare makes, and queries and "
+                             f"keys of one length L; it got mask {got} for {R} rows, query length "
+                             f"{L}, key length {key.shape[2]}")
     # Every layer gets the same mask object: its pieces are found once per forward. (An
     # attribute of that object, so a recomputed forward under gradient checkpointing finds
-    # them too.)
-    spans = getattr(attention_mask, "_safevid_pieces", None)
-    if spans is None:
-        spans = pieces(attention_mask)
-        attention_mask._safevid_pieces = spans
+    # them too; stamped with the tensor's version, so an in-place edit is noticed.)
+    cached = getattr(attention_mask, "_safevid_pieces", None)
+    if cached is None or cached[0] != attention_mask._version:
+        cached = (attention_mask._version, pieces(attention_mask))
+        attention_mask._safevid_pieces = cached
+    spans = cached[1]
     rows = []
     for r, row in enumerate(spans):
         outs = [sdpa_attention_forward(
