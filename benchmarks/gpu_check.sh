@@ -176,8 +176,11 @@ elif [ "$DRY" = 1 ]; then
   run_step kernels 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     -k "N7-H64-V31 or naive or cuda"
 else
+  # Not the Triton-interpreter test: it checks on CPU what this step checks compiled, and the
+  # GPU image's Triton 3.6 interpreter fails under its numpy 2.5 before any kernel arithmetic
+  # (`int()` of a 1-element array). CI runs it.
   run_step kernels 150 env SAFEVID_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py
+    tests/test_kernels.py -k "not under_interpreter"
 fi
 
 # ---- 4. log-prob benchmark ---------------------------------------------------------------
