@@ -60,11 +60,9 @@ def _tensor_cores(t: torch.Tensor) -> bool:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32: half operands on the tensor cores with fp32 output where the device can,
-    else upcast (exact products either way: a bf16/fp16 product fits an fp32)."""
-    if _tensor_cores(a):
-        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+    """a @ b of half operands on the tensor cores, with fp32 output (only where
+    `_tensor_cores` holds; elsewhere the blocks are upcast before they get here)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _blocks(total: int, size: int) -> list[tuple[int, int]]:
@@ -82,7 +80,7 @@ def _logits(buf: torch.Tensor | None, h: torch.Tensor, w: torch.Tensor) -> torch
     if buf is None:
         return _mm(h, w.T)
     out = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
-    return torch.mm(h.float(), w.float().T, out=out)
+    return torch.mm(h, w.T, out=out)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from safevid.atomic import write_text_atomic
+
 
 class LaunchError(RuntimeError):
     """The launch cannot go ahead; the message says what to change."""
@@ -89,7 +91,5 @@ def write_hostfile(path: str | Path, hosts: list[str], slots: int) -> Path:
     """A DeepSpeed hostfile (`host slots=N` per line) for `deepspeed --hostfile`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(f"{h} slots={slots}\n" for h in hosts))
     return path

@@ -315,12 +315,18 @@ def load(engine, point: ResumePoint, rank: int) -> tuple[int, tuple[int, int]]:
     # ZeRO-3 writes per-rank model states, stages 0-2 one mp_rank file; DeepSpeed meets the
     # other stage's layout (universal copies included) with a bare AssertionError.
     stage = engine.zero_optimization_stage()
-    if not any(source.glob("zero_pp_rank_*_model_states.pt" if stage == 3
-                           else "mp_rank_*_model_states.pt")):
-        raise CheckpointError(
-            f"{point.path} was written under ZeRO stage {'0-2' if stage == 3 else '3'} and this "
-            f"run uses stage {stage}: DeepSpeed cannot load a checkpoint across ZeRO stages. Set "
-            "train.deepspeed_config back to resume, or use a new output_dir.")
+
+    def check_stage() -> None:  # on rank 0 for all: ranks may list a shared directory unalike
+        if not any(source.glob("zero_pp_rank_*_model_states.pt" if stage == 3
+                               else "mp_rank_*_model_states.pt")):
+            raise CheckpointError(
+                f"{point.path} was written under ZeRO stage {'0-2' if stage == 3 else '3'} and "
+                f"this run uses stage {stage}: DeepSpeed cannot load a checkpoint across ZeRO "
+                "stages. Set train.deepspeed_config back to resume, or use a new output_dir.")
+
+    from safevid.distributed import from_first_rank
+
+    from_first_rank(check_stage, rank, CheckpointError)
     path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
         raise CheckpointError(f"{source}: DeepSpeed could not load this checkpoint")

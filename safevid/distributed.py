@@ -149,14 +149,16 @@ def from_first_rank(fn, rank: int, error: type[Exception] | None = None):
 
     error = error or ConfigError
     answer: list = [None]
-    if rank == 0:
+    alone = not dist.is_initialized()  # one process without a group (tools, tests): rank 0
+    if rank == 0 or alone:
         try:
             answer[0] = ("ok", fn())
         except (ConfigError, error) as exc:
             answer[0] = ("error", str(exc))
         except Exception as exc:  # noqa: BLE001  any failure must reach every rank
             answer[0] = ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(answer, src=0)
+    if not alone:
+        dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
         raise error(value)

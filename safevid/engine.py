@@ -109,7 +109,12 @@ def prepare(cfg: Config, micro_steps: int, world: int) -> Setup:
         raise ConfigError(str(exc)) from exc
     cfg.data.max_length = check_lengths(cfg, family.context_window())
     if cfg.model.ref_name_or_path:
-        check_reference_matches(cfg, family.name)
+        # Decided from files alone: on rank 0, the outcome on every rank (a shared file system
+        # may show ranks different things for a moment).
+        from safevid.distributed import from_first_rank
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        from_first_rank(lambda: check_reference_matches(cfg, family.name), rank)
     load_args = dict(dtype=dtype, fused=cfg.train.fused_logprobs, family=family.name,
                      backend=backend, trust_remote_code=cfg.model.trust_remote_code)
     return Setup(device, dtype, family, backend, ds, load_args)
@@ -158,6 +163,16 @@ def build_reference(cfg: Config, setup: Setup):
     engine, *_ = deepspeed.initialize(model=ref.model, config=reference_ds(setup.ds))
     engine.eval()
     return engine, ref
+
+
+def ref_fingerprint(cfg: Config, setup: Setup) -> dict:
+    """What this run's reference log-probs depend on: one definition for `precompute-ref`,
+    which writes it, and training, which checks it."""
+    from safevid.dpo import Batcher
+    from safevid.reference import fingerprint, quantized_weights
+
+    return fingerprint(cfg, setup.family.name, str(setup.dtype).removeprefix("torch."),
+                       Batcher.layout_of(cfg.data).name, quantized_weights(reference_ds(setup.ds)))
 
 
 def reference_ds(ds: dict) -> dict:

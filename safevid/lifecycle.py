@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from safevid.atomic import write_text_atomic
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Written by rank 0 when a run stopped on request with a checkpoint; the launcher on the first
 # node reads it to requeue the Slurm job.
@@ -57,10 +59,8 @@ def ignore_stop_signals() -> None:
 
 
 def write_stop_file(out: Path, step: int, reason: str) -> None:
-    path = out / STOP_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
-    tmp.replace(path)
+    write_text_atomic(out / STOP_FILE,
+                      json.dumps({"step": step, "reason": reason, "time": time.time()}))
 
 
 def read_stop_file(out: Path, since: float) -> dict | None:

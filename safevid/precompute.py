@@ -32,8 +32,6 @@ def precompute(cfg) -> int:
         RefLogpsError,
         RefTable,
         distinct_shards,
-        fingerprint,
-        quantized_weights,
         ref_file,
         shard_digest,
         split_shards,
@@ -63,7 +61,7 @@ def precompute(cfg) -> int:
         goes is tried first: a read-only data directory is a refusal here, not a failed write
         on one rank in the middle of the forwards."""
         out.mkdir(parents=True, exist_ok=True)
-        fp = fingerprint(cfg, setup.family.name, dtype_name, layout, quantized_weights(setup.ds))
+        fp = setup_mod.ref_fingerprint(cfg, setup)
         todo = []
         for i, url in enumerate(urls):
             try:

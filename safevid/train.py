@@ -64,7 +64,7 @@ def train(cfg) -> int:
     from safevid.metrics import MetricsLog
     from safevid.models.dpo_model import freeze, load
     from safevid.optim import build_optimizer, build_scheduler
-    from safevid.reference import RefTable, fingerprint, quantized_weights
+    from safevid.reference import RefTable
     from safevid.report import Reporters, check_available
 
     # ---- config, process group, output directory -------------------------------------------
@@ -100,13 +100,11 @@ def train(cfg) -> int:
     policy_ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal":
                                       resume is not None and resume.world_size != world}}
     precomputed = cfg.train.reference == "precomputed"
-    layout_name = Batcher.layout_of(cfg.data).name
     ref_table = None
     if precomputed:
         # Checked before any weight is read: a run that cannot use the files ends at once.
         def check_ref_files() -> RefTable:
-            fp = fingerprint(cfg, family.name, str(dtype).removeprefix("torch."), layout_name,
-                             quantized_weights(setup_mod.reference_ds(ds)))
+            fp = setup_mod.ref_fingerprint(cfg, setup)
             return RefTable.load(list(dict.fromkeys(train_urls + eval_urls)), fp,
                                  cfg.train.ref_logps_dir)
 
