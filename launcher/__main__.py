@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
     if rc != 0:
         print(f"safevid launcher: node {spec.node_rank} ({socket.gethostname()}, ranks "
               f"{spec.node_rank * len(ids)}..{spec.node_rank * len(ids) + len(ids) - 1}): "
-              f"training failed with exit code {rc}", file=sys.stderr, flush=True)
+              f"safevid {args.command} failed with exit code {rc}", file=sys.stderr, flush=True)
         return rc
     if spec.node_rank == 0 and args.command == "train":
         requeue_if_stopped(args.train_args, started, under_slurm)

@@ -172,23 +172,8 @@ class StepPrefetcher:
     def _load(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:
         stream = self.args[0]
         pairs = step_pairs(*self.args)
-        videos = list({id(p.video): p.video for p in pairs}.values())
-        errors = dict(zip(map(id, videos), self.decoder.map(self.batcher.check_video, videos),
-                          strict=True))
-        # A pair whose frames do not decode, or whose text cannot be encoded or fit, keeps its
-        # slot (every rank runs the same number of forwards) but is rejected and weighs nothing.
-        for pair in pairs:
-            if not pair.valid:  # the loader already rejected it (an unreadable sample)
-                continue
-            error = errors[id(pair.video)] or self.batcher.encode(pair)
-            if error is None and self.ref_table is not None:
-                error = attach_ref(pair, self.ref_table)
-            if error is not None:
-                pair.valid = False
-                self.rejects.add(f"{pair.video.key}/{pair.id}", error)
-        batches = [self.batcher(pairs[i:i + self.micro]) for i in range(0, len(pairs), self.micro)]
-        for video in videos:
-            video.release()
+        batches = micro_batches(pairs, self.batcher, self.micro, self.rejects, self.decoder,
+                                self.ref_table)
         return pairs, batches, stream.position
 
     def next(self) -> tuple[list[Pair], list[MicroBatch], tuple[int, int]]:
@@ -199,6 +184,35 @@ class StepPrefetcher:
     def close(self) -> None:
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.decoder.shutdown(wait=True)
+
+
+def micro_batches(pairs: list[Pair], batcher: Batcher, micro: int, rejects: Rejects,
+                  decoder=None, ref_table=None) -> list[MicroBatch]:
+    """`pairs` screened and collated, `micro` pairs to a micro-batch (on CPU).
+
+    Each distinct video is decoded and preprocessed once (in `decoder`, an executor, when
+    given); each pair is encoded under the length rules and gets its precomputed reference
+    log-probs from `ref_table` when given. A pair whose frames do not decode, or whose text
+    cannot be encoded or fit, keeps its slot (every rank runs the same number of forwards) but
+    is rejected by name and weighs nothing. The decided outcome depends on the pair alone, so
+    it is the same on every rank."""
+    videos = list({id(p.video): p.video for p in pairs}.values())
+    usable = list({id(p.video): p.video for p in pairs if p.valid}.values())
+    checked = (decoder.map if decoder is not None else map)(batcher.check_video, usable)
+    errors = dict(zip(map(id, usable), checked, strict=True))
+    for pair in pairs:
+        if not pair.valid:  # the loader already rejected it (an unreadable sample, a stand-in)
+            continue
+        error = errors[id(pair.video)] or batcher.encode(pair)
+        if error is None and ref_table is not None:
+            error = attach_ref(pair, ref_table)
+        if error is not None:
+            pair.valid = False
+            rejects.add(pair.name, error)
+    batches = [batcher(pairs[i:i + micro]) for i in range(0, len(pairs), micro)]
+    for video in videos:
+        video.release()
+    return batches
 
 
 def attach_ref(pair: Pair, ref_table) -> str | None:

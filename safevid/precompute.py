@@ -24,7 +24,7 @@ def precompute(cfg) -> int:
     from safevid.data.stream import Pair, Video
     from safevid.data_prep.rejects import Rejects
     from safevid.demo_assets import ensure_demo_assets
-    from safevid.dpo import Batcher
+    from safevid.dpo import Batcher, micro_batches
     from safevid.losses import needs_reference
     from safevid.models.dpo_model import LoadedModel
     from safevid.models.family import load_tokenizer
@@ -113,21 +113,25 @@ def precompute(cfg) -> int:
         while True:
             yield None, Pair("padding", ".", ".", ".", pad, valid=False)
 
+    decoder = ThreadPoolExecutor(max(1, cfg.data.decode_threads))
+
     def build(chunk: list) -> tuple[list, object]:
-        for _, pair in chunk:
-            if not pair.valid:
-                continue
-            error = batcher.check_video(pair.video) or batcher.encode(pair)
-            if error is not None:
-                pair.valid = False
-                rejects.add(f"{pair.video.shard}:{pair.video.key}/{pair.id}", error)
-        batch = batcher([p for _, p in chunk])
-        for _, pair in chunk:
-            pair.video.release()
-        return chunk, batch
+        return chunk, micro_batches([p for _, p in chunk], batcher, m, rejects, decoder)[0]
 
     results: dict[int, dict[str, list]] = {i: {} for i in mine}
     left = {i: counts[i] for i in mine}
+    failed: list[str] = []
+
+    def write(shard: int) -> None:
+        # A failed write (a full disk, a path in the way) must not end this rank alone while
+        # the others wait in the next forward's gather: it is kept, every rank hears of it
+        # after the last forward, and a rerun redoes just the shards without a file.
+        path = ref_file(urls[shard], cfg.train.ref_logps_dir)
+        try:
+            write_shard_file(path, fp, urls[shard], digests[shard], results.pop(shard))
+        except OSError as exc:
+            failed.append(f"{urls[shard]}: cannot write {path}: {exc}")
+
     it = slots()
     pool = ThreadPoolExecutor(1)  # the next micro-batch is built while this one runs
     pending = pool.submit(build, [next(it) for _ in range(m)])
@@ -151,16 +155,25 @@ def precompute(cfg) -> int:
                                         text_digest(pair)] if pair.valid else None)
                 left[shard] -= 1
                 if left[shard] == 0:  # the shard is whole: its file, written then renamed
-                    write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp,
-                                     urls[shard], digests[shard], results.pop(shard))
+                    write(shard)
             bar.update(1)
     pool.shutdown()
+    decoder.shutdown()
     bar.close()
     # Shards with no pairs at all (every sample unreadable) still get their file.
     for shard in list(results):
-        write_shard_file(ref_file(urls[shard], cfg.train.ref_logps_dir), fp, urls[shard],
-                         digests[shard], results.pop(shard))
-    dist.barrier()
+        write(shard)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, failed)  # also the barrier: every file is written
+    failed = [line for part in everyone for line in part]
+    if failed:
+        if rank == 0:
+            print(f"safevid: the reference log-probs of {len(failed)} shards could not be "
+                  "written:\n  " + "\n  ".join(failed) + f"\nThe other "
+                  f"{sum(map(len, parts)) - len(failed)} shards' files are written. Fix the "
+                  "cause (space, permissions, train.ref_logps_dir) and run the same command "
+                  "again: only the shards without a file are redone.", file=sys.stderr)
+        return 1
     if rank == 0:
         print(f"safevid: reference log-probs written for {sum(map(len, parts))} shards in "
               f"{time.perf_counter() - t0:.1f}s ({rejects.count} pairs rejected by this rank, "

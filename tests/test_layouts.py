@@ -178,6 +178,49 @@ def test_units_pieces_cut_only_between_units():
     assert pieces(mask, min_piece=1)[0][:1] == [(0, 9)]
 
 
+def test_varlen_packing_matches_the_dense_mask(tiny, demo_assets):
+    """`flash_varlen`'s side of the contract, on CPU: the real tokens of all rows made one row,
+    answer indices remapped, and each sequence's text positions restarting at 0, so that
+    transformers finds the sequences from the positions alone. flash-attn cannot run here, so
+    transformers' own position-id packing for SDPA (the same rule: a sequence starts where the
+    positions restart) stands in for its kernel; the cu_seqlens transformers would hand the
+    varlen kernel are checked against the collated sequences too. Per-answer log-probs equal
+    padded rows with the dense mask, for packed rows of many sequences and for padded rows.
+    Catches answer indices left pointing into the unflattened rows, positions that run on
+    across sequences (one sequence would attend into the one before it), and padding kept."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from safevid.models.dpo_model import load
+
+    model_dir, family = tiny
+    pairs = _varied_pairs(demo_assets)
+    want = _logps(model_dir, family, pairs, _data(*LAYOUTS["padded"]))[0]
+    for layout in ("packed", "padded"):
+        m = load(str(model_dir), torch.float32, fused=False, family=family, backend="sdpa_mask")
+        m.model.eval()
+        m.model.backend = "flash_varlen"  # the flattening; the text model keeps SDPA
+        seen = {}
+        m.family.language_model(m.model.hf).register_forward_pre_hook(
+            lambda mod, args, kwargs, seen=seen: seen.update(kwargs), with_kwargs=True)
+        batch = Batcher(m, _data(*LAYOUTS[layout]))(copy.deepcopy(pairs))
+        if layout == "packed":
+            assert batch.input_ids.shape[0] < len(pairs)  # several sequences in a row
+        with torch.no_grad():
+            got = m.model(**batch_inputs(batch.to("cpu", torch.float32)))[0].double()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-4,
+                                   msg=lambda msg, lay=layout: f"{lay}: {msg}")
+
+        assert seen["attention_mask"] is None and seen["inputs_embeds"].shape[0] == 1
+        position_ids = seen["position_ids"]
+        text = position_ids[0] if position_ids.dim() == 3 else position_ids  # Qwen: row 0
+        assert text.shape == (1, batch.tokens)  # real tokens only
+        keep = batch.group >= 0
+        ids = (torch.arange(batch.group.shape[0])[:, None] * 10**6 + batch.group)[keep]
+        starts = torch.cat([torch.tensor([True]), ids[1:] != ids[:-1]]).nonzero().flatten()
+        (cu_q, cu_k), _ = prepare_fa_kwargs_from_position_ids(text)
+        assert cu_q.tolist() == [*starts.tolist(), batch.tokens] and torch.equal(cu_q, cu_k)
+        assert len(starts) == 2 * len(pairs)
+
 def test_vision_tower_runs_once_per_video_per_micro_step(tiny, demo_assets):
     """Counted: one vision-tower call per micro-batch, over each distinct video once (two pairs
     of one video, and the shared prompt's single placeholder run per pair)."""

@@ -25,7 +25,7 @@ from tests.test_lifecycle import assert_reproduces
 
 
 def precompute(assets: Path, out: Path, ref_dir: Path, world: int,
-               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+               extra: tuple[str, ...] = (), expect: int = 0) -> subprocess.CompletedProcess:
     overrides = [f"output_dir={out}", f"demo.assets_dir={assets}",
                  f"train.ref_logps_dir={ref_dir}", *extra]
     if world == 1:
@@ -36,7 +36,7 @@ def precompute(assets: Path, out: Path, ref_dir: Path, world: int,
         cmd = launch_command([DEMO_CONFIG, *overrides], nproc=world, command="precompute-ref")[0]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600,
                           cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
 
 
@@ -77,17 +77,31 @@ def test_precompute_writes_every_pair_of_every_shard(demo_assets, ref_dir):
                 assert isinstance(pair_id, str) and chosen < -1 and rejected < -1
 
 
-def test_a_rerun_computes_only_the_shards_without_a_current_file(demo_assets, ref_dir,
-                                                                  tmp_path):
+def test_a_failed_write_on_one_rank_ends_every_rank_alike_and_a_rerun_does_the_rest(
+        demo_assets, ref_dir, tmp_path):
+    """A shard file that cannot be written (here a directory in its place: a full disk acts
+    alike) fails on the one rank that holds the shard. That rank must not end alone while the
+    other waits in the next forward's gather: both finish the forwards, the other shards'
+    files are written, and the job exits non-zero naming the file. The rerun then does only
+    the shard without a current file; a torn write of an earlier attempt counts for nothing."""
     from safevid.reference import ref_file
 
     again = tmp_path / "logps"
     shutil.copytree(ref_dir, again)
     lost = ref_file(str(demo_assets / "shards" / "train-000002.tar"), str(again))
+    written = ref_file(str(demo_assets / "shards" / "heldout-000001.tar"), str(again))
     before = json.loads(lost.read_text())
     lost.unlink()
-    # A torn write of an earlier attempt (the name it is written under before the rename)
-    # counts for nothing.
+    written.unlink()
+    lost.mkdir()  # in the way of the rename
+    (lost / "keep").write_text("")
+    proc = precompute(demo_assets, tmp_path / "run", again, world=2, expect=1)
+    assert "in 2 of 8 shards (6 already done) on 2 ranks" in proc.stderr, proc.stderr[-2000:]
+    assert "could not be written" in proc.stderr and f"cannot write {lost}" in proc.stderr
+    assert "The other 1 shards' files are written" in proc.stderr
+    assert written.is_file()
+
+    shutil.rmtree(lost)
     lost.with_name(f".{lost.name}.tmp-12345").write_text('{"samples": {')
     proc = precompute(demo_assets, tmp_path / "run", again, world=1)
     assert "in 1 of 8 shards (7 already done)" in proc.stderr, proc.stderr[-2000:]

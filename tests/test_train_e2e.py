@@ -342,8 +342,8 @@ def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path)
         f"data.shards={','.join(shards)}"))
     rows = _rows(out)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    # Each corrupt pair is reported once, by name, however many epochs meet it again.
-    assert sorted(r["source"] for r in rejects) == [f"corrupt/corrupt-{i}" for i in range(4)]
+    # Each corrupt pair is reported once, by shard and name, however many epochs meet it again.
+    assert sorted(r["source"] for r in rejects) == [f"{bad}:corrupt/corrupt-{i}" for i in range(4)]
     assert all(r["reason"] == "undecodable frames (frame 0 of 4: UnidentifiedImageError)"
                for r in rejects)
     # Every step counts its usable pairs only...

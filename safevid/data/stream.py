@@ -86,6 +86,12 @@ class Pair:
     # where it is, which is how precomputed reference log-probs are found)
     ref: tuple[float, float] | None = None  # precomputed reference log-probs (chosen, rejected)
 
+    @property
+    def name(self) -> str:
+        """How rejects files name the pair: shard (when known), sample key and pair id."""
+        where = f"{self.video.shard}:" if self.video.shard else ""
+        return f"{where}{self.video.key}/{self.id}"
+
 
 def _split_patterns(spec: str) -> list[str]:
     """Split on the commas between patterns, not those inside braces (`train-{1,2}.tar`)."""
@@ -233,5 +239,5 @@ def read_decodable_pairs(urls: list[str], limit: int, rejects: Rejects) -> list[
         if error is None:
             usable.append(pair)
         else:
-            rejects.add(f"{pair.video.key}/{pair.id}", error)
+            rejects.add(pair.name, error)
     return usable

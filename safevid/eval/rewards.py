@@ -50,7 +50,7 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
         errors = [e for b in batchers if (e := b.encode_fresh(pair)) is not None]
         pair.video.release()
         if errors:
-            rejects.add(f"{pair.video.key}/{pair.id}", errors[0])
+            rejects.add(pair.name, errors[0])
         else:
             pairs.append(pair)
     out = []
