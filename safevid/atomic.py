@@ -11,8 +11,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     carries the process id, so that processes writing the same file never share it, and the
     data reaches the disk before the rename makes it visible."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        # A failed write (a full disk, a path in the way) leaves nothing behind to fill it.
+        tmp.unlink(missing_ok=True)
+        raise
