@@ -170,9 +170,10 @@ def main(argv: list[str]) -> int:
     rc = run_node(deepspeed_command(spec, ids, args.train_args, args.command),
                   launch_env(len(ids)), early)
     if rc != 0:
+        what = "training" if args.command == "train" else f"safevid {args.command}"
         print(f"safevid launcher: node {spec.node_rank} ({socket.gethostname()}, ranks "
               f"{spec.node_rank * len(ids)}..{spec.node_rank * len(ids) + len(ids) - 1}): "
-              f"safevid {args.command} failed with exit code {rc}", file=sys.stderr, flush=True)
+              f"{what} failed with exit code {rc}", file=sys.stderr, flush=True)
         return rc
     if spec.node_rank == 0 and args.command == "train":
         requeue_if_stopped(args.train_args, started, under_slurm)

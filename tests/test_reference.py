@@ -99,6 +99,7 @@ def test_a_failed_write_on_one_rank_ends_every_rank_alike_and_a_rerun_does_the_r
     assert "in 2 of 8 shards (6 already done) on 2 ranks" in proc.stderr, proc.stderr[-2000:]
     assert "could not be written" in proc.stderr and f"cannot write {lost}" in proc.stderr
     assert "The other 1 shards' files are written" in proc.stderr
+    assert "safevid precompute-ref failed with exit code 1" in proc.stderr
     assert written.is_file() and not list(again.glob(".*.tmp-*"))  # no temporary left behind
 
     shutil.rmtree(lost)
