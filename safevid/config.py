@@ -150,6 +150,31 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {where}: {msg}")
 
 
+def _string_field(key: str) -> tuple[bool, bool]:
+    """(whether the schema's `key` holds a string, whether it may be null); (False, False) for
+    any other key, unknown ones included (OmegaConf then names them)."""
+    import dataclasses
+    import typing
+
+    cls: type = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False, False
+        kind = hints[part]
+        args = typing.get_args(kind)
+        nullable = type(None) in args
+        if nullable:
+            kind = next(a for a in args if a is not type(None))
+        if i == len(parts) - 1:
+            return kind is str, nullable
+        if not dataclasses.is_dataclass(kind):
+            return False, False
+        cls = kind
+    return False, False
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, typed and resolved."""
     schema = OmegaConf.structured(Config)
@@ -169,8 +194,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = (part.strip() for part in item.split("=", 1))
         try:
-            cfg.merge_with_dotlist([item])
+            text, nullable = _string_field(key)
+            if text:
+                # A string key takes the text as given: read as YAML, `data.shards=*.tar` or a
+                # brace pattern would not parse and `output_dir=0123` would become "83".
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                OmegaConf.update(cfg, key, None if nullable and value == "null" else value,
+                                 merge=True)
+            else:
+                cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override {item!r}") from exc
     try:

@@ -52,6 +52,19 @@ def test_overrides_and_interpolation():
     assert cfg.model.name_or_path == "/x/model" and cfg.data.shards == "/x/shards/train-*.tar"
 
 
+def test_string_overrides_are_taken_as_given():
+    """A string key's value is text, not YAML: globs, brace patterns and digits survive (read as
+    YAML, `*.tar` and `{a,b}` do not parse and `0123` is octal 83); `null` still clears a key
+    that may be null, and interpolations still resolve."""
+    cfg = load_config(DEMO_CONFIG, ["data.shards=/d/*.tar", "data.eval_shards=null",
+                                    "output_dir=0123", "demo.assets_dir=/x",
+                                    "model.name_or_path=${demo.assets_dir}/m"])
+    assert cfg.data.shards == "/d/*.tar" and cfg.data.eval_shards is None
+    assert cfg.output_dir == "0123" and cfg.model.name_or_path == "/x/m"
+    cfg = load_config(DEMO_CONFIG, ["data.shards={a,b}/train-*.tar", "output_dir='runs/a b'"])
+    assert cfg.data.shards == "{a,b}/train-*.tar" and cfg.output_dir == "runs/a b"
+
+
 def test_label_smoothing_only_for_losses_that_use_it():
     with pytest.raises(ConfigError, match="loss.label_smoothing"):
         load_config(DEMO_CONFIG, ["loss.type=ipo", "loss.label_smoothing=0.1"])
