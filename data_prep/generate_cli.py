@@ -298,7 +298,7 @@ def print_summary(stage: str, args: argparse.Namespace, output: JobOutput, tally
 
 
 def _job(args: argparse.Namespace) -> tuple[int, int, JobOutput]:
-    index, count = job_from_env(args.job_index, args.num_jobs)
+    index, count = job_from_env(args.job_index, args.num_jobs, args.out)
     out, rejects = output_paths(args.out, args.rejects, index, count)
     output = JobOutput(out, rejects)
     if output.repaired:

@@ -47,20 +47,15 @@ def job_of(key: str, num_jobs: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) % num_jobs
 
 
-def job_from_env(job_index: int | None, num_jobs: int | None) -> tuple[int, int]:
-    """--job-index/--num-jobs, defaulting to a Slurm job array's task id and count."""
-    index = job_index if job_index is not None else _env_int("SLURM_ARRAY_TASK_ID", 0)
-    count = num_jobs if num_jobs is not None else _env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if "SLURM_ARRAY_TASK_MIN" in os.environ and job_index is None:
-        index -= _env_int("SLURM_ARRAY_TASK_MIN", 0)  # arrays may start at 1 (--array=1-8)
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"job index {index} is not in [0, {count})")
+def job_from_env(job_index: int | None, num_jobs: int | None, out: Path) -> tuple[int, int]:
+    """--job-index/--num-jobs, defaulting to a Slurm job array task's place (see
+    `data_prep.jobs`); a task run again alone keeps the job count of the parts beside `out`."""
+    from safevid.data_prep.jobs import Earlier, array_job
+
+    counts = {int(m.group(2)) for p in find_parts(out) if (m := PART_RE.search(_stem(p)))}
+    earlier = Earlier(counts.pop()) if len(counts) == 1 else None
+    index, count, _ = array_job(job_index, num_jobs, earlier)
     return index, count
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip().lstrip("-").isdigit() else default
 
 
 def output_paths(out: Path, rejects: Path | None, index: int, count: int) -> tuple[Path, Path]:

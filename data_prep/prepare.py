@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safevid.data_prep.frames import VideoError, encode_jpeg, read_frames
+from safevid.data_prep.jobs import Earlier, array_job
 from safevid.data_prep.keys import UnsafePath, confine, sample_key
 from safevid.data_prep.pairs_io import FORMATS, iter_pairs, parse_map
 from safevid.data_prep.rejects import Rejects
@@ -159,7 +160,8 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
                    progress: bool = True, crop: bool = True, *, seed: int = 0,
                    job_index: int = 0, num_jobs: int = 1, fps: float | None = None,
                    jpeg_quality: int = 90, short_videos: str = "pad",
-                   max_pixels: int | None = None, listed: set[str] | None = None) -> dict | None:
+                   max_pixels: int | None = None, listed: set[str] | None = None,
+                   array: Earlier | None = None) -> dict | None:
     """Write this job's shards; with one job (or when `merge`), also index.json. `rejects` may
     already hold inputs rejected while reading the pairs. Returns the index, or None for a job
     of an array (run `merge_parts` once all have finished)."""
@@ -179,6 +181,8 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
            "plan": {split: len(shards) for split, shards in plan.items()}, "fingerprints": prints,
            "num_jobs": num_jobs, "inputs": len(pairs) + read_rejects.count,
+           # The Slurm array's task numbering, for a task run again alone (data_prep.jobs).
+           "array": [num_jobs, array.first, array.step] if array else [num_jobs, 0, 1],
            "rejects": read_rejects.records + plan_rejects.records}
     write_text_atomic(parts / f"job-{job_index}-of-{num_jobs}.json", json.dumps(job))
     mine = [(split, i, shard) for split, shards in plan.items() for i, shard in enumerate(shards)
@@ -273,9 +277,17 @@ def merge_parts(out_dir: Path) -> dict:
     return index
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+def earlier_array(out_dir: Path) -> Earlier | None:
+    """The job array an earlier run into `out_dir` was split into (from its job records), so
+    that a task run again alone does the same shards; None without one agreed record."""
+    shapes = set()
+    for path in (out_dir / PARTS).glob("job-*-of-*.json"):
+        try:
+            job = json.loads(path.read_text())
+            shapes.add(Earlier(*job.get("array") or (job["num_jobs"],)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return shapes.pop() if len(shapes) == 1 else None
 
 
 def main(argv: list[str]) -> int:
@@ -305,10 +317,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--videos-per-shard", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--seed", type=int, default=0, help="the order videos are written in")
-    p.add_argument("--job-index", type=int, default=_env_int("SLURM_ARRAY_TASK_ID", 0),
-                   help="this job's index in an array (default SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--num-jobs", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
-                   help="jobs in the array (default SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--job-index", type=int, default=None,
+                   help="this job's index in an array (default: the Slurm array task's place "
+                        "in its array, else 0)")
+    p.add_argument("--num-jobs", type=int, default=None,
+                   help="jobs in the array (default: the Slurm array's task count, else 1)")
     p.add_argument("--merge", action="store_true",
                    help="only write index.json and rejects.jsonl from the jobs' records")
     p.add_argument("--no-progress", action="store_true")
@@ -320,9 +333,11 @@ def main(argv: list[str]) -> int:
             if path is None or not path.exists():
                 print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
                 return 2
-        if not 0 <= args.job_index < args.num_jobs:
-            print(f"safevid prepare: --job-index {args.job_index} is outside 0..{args.num_jobs - 1}",
-                  file=sys.stderr)
+        try:
+            args.job_index, args.num_jobs, shape = array_job(args.job_index, args.num_jobs,
+                                                             earlier_array(args.out))
+        except ValueError as exc:
+            print(f"safevid prepare: {exc}", file=sys.stderr)
             return 2
         videos_dir, listed = args.videos, None
         if args.videos.is_file():
@@ -339,7 +354,7 @@ def main(argv: list[str]) -> int:
             args.workers, rejects, not args.no_progress, crop=not args.keep_aspect,
             seed=args.seed, job_index=args.job_index, num_jobs=args.num_jobs, fps=args.fps,
             jpeg_quality=args.jpeg_quality, short_videos=args.short_videos,
-            max_pixels=args.max_pixels, listed=listed)
+            max_pixels=args.max_pixels, listed=listed, array=shape)
         if index is None:
             print(f"safevid prepare: job {args.job_index} of {args.num_jobs} done; once all are, "
                   f"run: safevid prepare --merge --out {args.out}")

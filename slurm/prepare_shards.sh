@@ -6,8 +6,8 @@
 # SLURM_ARRAY_TASK_COUNT), decoding with --workers processes (default: the task's CPUs). The
 # first task submits the merge, which runs once every task has succeeded
 # (--dependency=afterok) and writes index.json and rejects.jsonl. A failed or preempted task is
-# simply run again (`sbatch --array=7 ...`): it skips its finished shards; then run the merge:
-#   sbatch slurm/prepare_shards.sh --merge --out /data/safevid
+# simply run again alone (`sbatch --array=7 ...`, the same task id as before): it does the same
+# shards as before, skipping those it had finished, and queues the merge again.
 # Without Slurm, `bash slurm/prepare_shards.sh --videos ... --out ...` is one job, merged at the end.
 #
 #SBATCH --job-name=safevid-prepare

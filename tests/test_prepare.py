@@ -129,7 +129,7 @@ def _many(tmp_path, n=9) -> tuple[Path, list[dict]]:
     return videos, rows
 
 
-def test_seeded_order_job_array_merge_and_resume(tmp_path):
+def test_seeded_order_job_array_merge_and_resume(tmp_path, monkeypatch):
     videos, rows = _many(tmp_path)
     rc, single = _run(tmp_path, videos, rows, out="single")
     assert rc == 0
@@ -143,15 +143,29 @@ def test_seeded_order_job_array_merge_and_resume(tmp_path):
     assert _run(tmp_path, videos, rows, out="again")[0] == 0
     assert _members(tmp_path / "again") == _members(single)
 
-    # A job array of 3: each job its own shards, then the merge; job 1 runs last.
-    for job in (0, 2):
-        assert _run(tmp_path, videos, rows, "--job-index", str(job), "--num-jobs", "3",
-                    out="array")[0] == 0
+    # A Slurm job array of 3 numbered 1-3 (`sbatch --array=1-3`): each task its own shards,
+    # then the merge. Task 2 fails; it is run again alone (`sbatch --array=2`, which Slurm
+    # reports as an array of one task) and does the earlier array's job 1, as it did first.
+    def slurm(task: int, count: int, first: int) -> None:
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(count))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", str(first))
+
+    for task in (1, 3):
+        slurm(task, 3, 1)
+        assert _run(tmp_path, videos, rows, out="array")[0] == 0
     array = tmp_path / "array"
     with pytest.raises(SystemExit, match=r"train-000001.tar \(job 1\)"):
         prepare_main(["--merge", "--out", str(array)])
     assert not (array / "index.json").exists()
-    assert _run(tmp_path, videos, rows, "--job-index", "1", "--num-jobs", "3", out="array")[0] == 0
+    slurm(2, 1, 2)
+    assert _run(tmp_path, videos, rows, out="array")[0] == 0
+    assert sorted(p.name for p in (array / ".parts").glob("job-*")) == [
+        "job-0-of-3.json", "job-1-of-3.json", "job-2-of-3.json"]
+    slurm(7, 1, 7)  # no such task in the earlier array: refused, nothing written
+    assert _run(tmp_path, videos, rows, out="array")[0] == 2
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name)
     assert prepare_main(["--merge", "--out", str(array)]) == 0
     assert _members(array) == _members(single)
     assert json.loads((array / "index.json").read_text())["totals"] == \
