@@ -49,12 +49,21 @@ def job_of(key: str, num_jobs: int) -> int:
 
 def job_from_env(job_index: int | None, num_jobs: int | None, out: Path) -> tuple[int, int]:
     """--job-index/--num-jobs, defaulting to a Slurm job array task's place (see
-    `data_prep.jobs`); a task run again alone keeps the job count of the parts beside `out`."""
+    `data_prep.jobs`). The array's shape is kept beside `out` (`<stem>.array.json`), so that a
+    task run again alone (`sbatch --array=7`) redoes the same part."""
     from safevid.data_prep.jobs import Earlier, array_job
 
-    counts = {int(m.group(2)) for p in find_parts(out) if (m := PART_RE.search(_stem(p)))}
-    earlier = Earlier(counts.pop()) if len(counts) == 1 else None
-    index, count, _ = array_job(job_index, num_jobs, earlier)
+    from safevid.atomic import write_text_atomic
+
+    record = out.with_name(f"{_stem(out)}.array.json")
+    try:
+        earlier = Earlier(*json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError):
+        earlier = None
+    index, count, shape = array_job(job_index, num_jobs, earlier)
+    if count > 1 and shape != earlier:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps([shape.count, shape.first, shape.step]))
     return index, count
 
 

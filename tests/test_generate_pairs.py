@@ -205,10 +205,14 @@ def test_job_array_parts_and_merge(tmp_path, server, monkeypatch):
     assert main(pair_args(captions, single, server)) == 0
 
     out = tmp_path / "array" / "pairs.jsonl"
-    for index in range(3):  # as a Slurm array would start them
-        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(index))
-        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    # As `sbatch --array=1-3` starts them; task 2 is then run again alone (`--array=2`, which
+    # Slurm reports as an array of one task): it writes the part it wrote the first time.
+    for task, count, first in ((1, 3, 1), (2, 3, 1), (3, 3, 1), (2, 1, 2)):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(count))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", str(first))
         assert main(pair_args(captions, out, server)) == 0
+    assert not list(out.parent.glob("pairs.jsonl"))  # the lone rerun wrote no unsplit output
     parts = sorted(p.name for p in out.parent.glob("pairs.part-*.jsonl"))
     assert parts == [f"pairs.part-0000{i}-of-00003.jsonl" for i in range(3)]
     assert all(lines(out.parent / p) for p in parts)  # each job got some captions
