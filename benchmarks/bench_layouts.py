@@ -105,7 +105,7 @@ def run(args) -> dict:
     model_dir = build_llava_next_video_from_config(
         demo_texts(), work / "model", text_layers=args.layers, vision=vision, text=text,
         device=device, dtype=dtype)
-    backend = attention.choose("auto", device, shared_prefix=True)
+    backend = attention.choose("auto", device, shared_prefix=True, dtype=dtype)
     loaded = load(str(model_dir), dtype, fused=True, backend=backend)
     model = loaded.model.to(device).train()
     for p in loaded.family.vision_modules(model.hf):

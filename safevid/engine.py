@@ -104,7 +104,7 @@ def prepare(cfg: Config, micro_steps: int, world: int) -> Setup:
     ds = deepspeed_config(cfg, micro_steps, world, dtype)
     try:
         family = load_family(cfg.model.name_or_path, cfg.model.family, cfg.model.trust_remote_code)
-        backend = attention.choose(cfg.model.attention, device, cfg.data.shared_prefix)
+        backend = attention.choose(cfg.model.attention, device, cfg.data.shared_prefix, dtype)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     cfg.data.max_length = check_lengths(cfg, family.context_window())

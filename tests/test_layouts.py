@@ -178,6 +178,38 @@ def test_units_pieces_cut_only_between_units():
     assert pieces(mask, min_piece=1)[0][:1] == [(0, 9)]
 
 
+def test_backend_choice_refuses_what_cannot_run(monkeypatch):
+    """`auto` and the named backends per device, dtype and layout. A GPU and flash-attn cannot
+    exist here: the package lookup and the card's compute capability stand in for them. flash-
+    attn takes fp16/bf16 on Ampere or newer only: `auto` then picks FlexAttention, and a named
+    `flash_varlen` is refused at start-up, not at the first forward after the weights load."""
+    from safevid.models import attention
+    from safevid.models.attention import AttentionError, choose
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose("auto", cpu, True) == choose("auto", cpu, False) == "sdpa_units"
+    for name, layout_shared, match in (("flex", True, "no backward pass on CPU"),
+                                       ("flash_varlen", False, "needs a CUDA device"),
+                                       ("fast", False, "must be one of")):
+        with pytest.raises(AttentionError, match=match):
+            choose(name, cpu, layout_shared)
+    real_find_spec = attention.importlib.util.find_spec
+    monkeypatch.setattr(attention.importlib.util, "find_spec",
+                        lambda name: object() if name == "flash_attn" else real_find_spec(name))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    for capability, bf16_pick in (((9, 0), "flash_varlen"), ((7, 5), "flex")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert choose("auto", cuda, False, torch.bfloat16) == bf16_pick
+        assert choose("auto", cuda, False, torch.float32) == "flex"
+        assert choose("auto", cuda, True, torch.bfloat16) == "flex"  # shared-prefix rows
+        with pytest.raises(AttentionError, match="fp16 or bf16"):
+            choose("flash_varlen", cuda, False, torch.float32)
+        with pytest.raises(AttentionError, match="shared-prefix"):
+            choose("flash_varlen", cuda, True, torch.bfloat16)
+    with pytest.raises(AttentionError, match="Ampere or newer GPU, and a GPU is older"):
+        choose("flash_varlen", cuda, False, torch.bfloat16)
+
+
 def test_varlen_packing_matches_the_dense_mask(tiny, demo_assets):
     """`flash_varlen`'s side of the contract, on CPU: the real tokens of all rows made one row,
     answer indices remapped, and each sequence's text positions restarting at 0, so that

@@ -37,7 +37,18 @@ class AttentionError(ValueError):
     """A backend that cannot serve this layout or device; the message says what to change."""
 
 
-def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
+def _flash_unfit(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why flash-attn's kernel cannot run here (it takes fp16/bf16 only, on Ampere or newer),
+    or None."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn runs in fp16 or bf16 only, and this run is {dtype}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return f"flash-attn needs an Ampere or newer GPU, and {torch.cuda.get_device_name(device)} is older"
+    return None
+
+
+def choose(requested: str, device: torch.device, shared_prefix: bool,
+           dtype: torch.dtype | None = None) -> str:
     """The backend for this run; refuses (never silently swaps) a combination that cannot work."""
     if requested not in BACKENDS:
         raise AttentionError(f"model.attention={requested!r}: must be one of {', '.join(BACKENDS)}")
@@ -45,7 +56,8 @@ def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
     if requested == "auto":
         if device.type != "cuda":
             return "sdpa_units"
-        return "flash_varlen" if has_flash and not shared_prefix else "flex"
+        usable = has_flash and not shared_prefix and _flash_unfit(device, dtype) is None
+        return "flash_varlen" if usable else "flex"
     if requested == "flex" and device.type != "cuda":
         raise AttentionError("model.attention=flex: FlexAttention has no backward pass on CPU; use "
                              "model.attention=sdpa_units (or auto) on CPU")
@@ -57,6 +69,10 @@ def choose(requested: str, device: torch.device, shared_prefix: bool) -> str:
             raise AttentionError("model.attention=flash_varlen cannot express shared-prefix pairs "
                                  "(the rejected answer sees the prompt but not the chosen answer); "
                                  "use model.attention=flex, or data.shared_prefix=false")
+        unfit = _flash_unfit(device, dtype)
+        if unfit is not None:
+            raise AttentionError(f"model.attention=flash_varlen: {unfit}; use model.dtype=bf16 "
+                                 "(or fp16) on an Ampere or newer GPU, or model.attention=flex")
     return requested
 
 
