@@ -59,7 +59,18 @@ def deepspeed_config(cfg: Config, micro_steps: int, world: int, dtype: torch.dty
         fp16={"enabled": dtype == torch.float16},
     )
     ds.setdefault("wall_clock_breakdown", False)
+    if offloads_optimizer(ds):
+        # Our AdamW (torch's, unfused: its states live on the CPU) steps the offloaded fp32
+        # partitions. DeepSpeed refuses a client optimizer there unless told, to push its own
+        # CPU Adam, which would compile a C++ op on first use on every node.
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether ZeRO keeps the optimizer states off the GPU (ZeRO-Offload to CPU or NVMe)."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
 
 
 QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights",

@@ -120,9 +120,11 @@ def train(cfg) -> int:
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     if setup.zero_stage >= 3:
         deepspeed.zero.register_external_parameter(policy.model.head, policy.model.hf.lm_head.weight)
+    # Fused AdamW steps GPU tensors only; offloaded optimizer states are on the CPU.
+    fused = device.type == "cuda" and not setup_mod.offloads_optimizer(policy_ds)
     engine, *_ = deepspeed.initialize(
         model=policy.model, model_parameters=trainable, config=policy_ds,
-        optimizer=build_optimizer(trainable, cfg.train, fused=device.type == "cuda"),
+        optimizer=build_optimizer(trainable, cfg.train, fused=fused),
         lr_scheduler=build_scheduler(cfg.train),
     )
     _write_partition_stats(engine, out / f"zero_partition_rank{rank}.json")
