@@ -17,6 +17,7 @@ backward copies the valid rows once, for its matmuls).
 """
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -112,10 +113,13 @@ class TritonLogprobs(torch.autograd.Function):
         lse = torch.empty_like(out)
         if n_rows:
             grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),)
-            _logprobs_fwd[grid](
-                hidden, weight, rows, labels, out, lse, n_rows, dim, vocab,
-                hidden.stride(0), weight.stride(0), PRECISION=_precision(hidden.dtype),
-            )
+            # Triton launches on the current device: on the tensors' one, whichever that is
+            # (evaluation may put a model on cuda:1 without making it current).
+            with torch.cuda.device(hidden.device) if hidden.is_cuda else nullcontext():
+                _logprobs_fwd[grid](
+                    hidden, weight, rows, labels, out, lse, n_rows, dim, vocab,
+                    hidden.stride(0), weight.stride(0), PRECISION=_precision(hidden.dtype),
+                )
         ctx.save_for_backward(hidden, weight, rows, labels, lse)
         ctx.chunks = (token_chunk, vocab_chunk)
         return out

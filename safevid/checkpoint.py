@@ -256,16 +256,23 @@ def prepare_universal(point: ResumePoint, world: int, rank: int) -> None:
 
 
 def _rng_state() -> dict:
+    # The rank's own device only: a resume may see another number of GPUs per node.
     state = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda_device"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    mine = state.get("cuda_device")
+    if mine is None and state.get("cuda"):  # written with every visible device's state
+        index = torch.cuda.current_device()
+        mine = state["cuda"][index] if index < len(state["cuda"]) else None
+    if mine is not None:
+        torch.cuda.set_rng_state(torch.tensor(mine, dtype=torch.uint8))
 
 
 def save(engine, ckpt_dir: Path, step: int, position: tuple[int, int], rank: int, world: int,

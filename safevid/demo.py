@@ -28,7 +28,8 @@ def _fmt(value) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="safevid demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="run directory (runs/demo)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (2)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training processes (2; on a GPU host one per GPU, at most 2)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_args(argv)
 
@@ -37,6 +38,11 @@ def main(argv: list[str]) -> int:
     from safevid.plot import plot_run
 
     t0 = time.perf_counter()
+    if args.nproc is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        args.nproc = min(2, gpus) if gpus else 2
     config = str(resolve_path(DEMO_CONFIG))
     overrides = [f"output_dir={args.out}", *args.overrides]
     cfg = load_config(config, overrides)

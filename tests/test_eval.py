@@ -605,9 +605,10 @@ def test_judge_free_rewards_equal_the_trainers_own_heldout_evaluation(demo_asset
     assert main(["--model", str(run / "hf"), "--bench", str(bench), "--videos",
                  str(demo_assets / "videos"), "--out", str(out), "--max-new-tokens", "4",
                  "--no-progress", "--pairs", heldout, "--reference", str(demo_assets / "model"),
-                 "--beta", "0.1"]) == 0
-    # The trainer computed these rewards under ZeRO-3 with packed rows; here: plain
-    # transformers on the exported model, padded rows. Same numbers to float rounding.
+                 "--beta", "0.1", "--device", "cpu"]) == 0
+    # The trainer computed these rewards under ZeRO-3 with packed rows (on the CPU, in fp32, as
+    # tests train); here: plain transformers on the exported model, padded rows, on the same
+    # device and dtype. Same numbers to float rounding.
     trainer = {r["id"]: r for r in lines(run / "eval_heldout.jsonl")}
     ours = lines(out / "judge_free.jsonl")
     assert len(ours) == len(trainer) == 48

@@ -250,7 +250,8 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
         from safevid.eval import rewards
 
         rows = rewards.pair_rewards(model_dir, args.reference, args.pairs, args.beta,
-                                    args.max_pairs, device=args.device, rejects=Rejects(None))
+                                    args.max_pairs, device=args.device, rejects=Rejects(None),
+                                    dtype=args.dtype)
         with open(out / "judge_free.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         report["judge_free"] = {"pairs_from": args.pairs, "reference": str(args.reference),

@@ -106,6 +106,16 @@ def default_num_frames(model_dir: str | Path) -> tuple[int, str]:
     return DEFAULT_FRAMES, "default"
 
 
+def device_and_dtype(device: str | None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The evaluation's device (default cuda when available) and dtype (`auto`: bf16 on a GPU
+    that has it, else fp32: what training picks for `model.dtype=auto`)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
+    return dev, getattr(torch, dtype)
+
+
 class LocalModel:
     """A transformers directory of any supported family as a batched answer generator."""
 
@@ -117,11 +127,7 @@ class LocalModel:
         from safevid.models.family import load_tokenizer
 
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if bf16 else "float32"
-        self.dtype = getattr(torch, dtype)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.tokenizer = tok = load_tokenizer(str(self.model_dir))
         self.family = load_family(str(self.model_dir))
         self.model = AutoModelForImageTextToText.from_pretrained(

@@ -25,18 +25,21 @@ OVERALL = "overall"
 @torch.no_grad()
 def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str, beta: float,
                  max_pairs: int = 512, batch_pairs: int = 4, max_answer_tokens: int = 512,
-                 device: str | None = None, rejects: Rejects | None = None) -> list[dict]:
+                 device: str | None = None, rejects: Rejects | None = None,
+                 dtype: str = "auto") -> list[dict]:
     """Per pair: id, category, chosen and rejected rewards. Pairs whose frames do not decode
-    are rejected (named, with the reason) and left out."""
+    are rejected (named, with the reason) and left out. `dtype` auto is training's own choice
+    (bf16 on a GPU that has it, else fp32), so the rewards are the trainer's held-out ones."""
     from safevid.data.collate import batch_inputs
     from safevid.data.stream import expand_shards, read_decodable_pairs
     from safevid.dpo import Batcher
+    from safevid.eval.generate import device_and_dtype
     from safevid.models.dpo_model import load
 
     rejects = rejects or Rejects(None)
     urls = expand_shards(shards, "--pairs")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = [load(str(d), torch.float32, fused=True) for d in (policy_dir, reference_dir)]
+    dev, dt = device_and_dtype(device, dtype)
+    models = [load(str(d), dt, fused=True) for d in (policy_dir, reference_dir)]
     # The training path (`Batcher`): encoding, length rules, shared-prefix rows; SDPA with a
     # mask works on every device, and evaluation needs no speed from another backend.
     data = SimpleNamespace(max_answer_tokens=max_answer_tokens, max_length=0, max_prompt_length=0,
@@ -61,7 +64,7 @@ def pair_rewards(policy_dir: str | Path, reference_dir: str | Path, shards: str,
             for pair in chunk:  # each model's own tokenizer
                 pair.encoded = None
             batch = b(chunk)
-            logps.append(m.model(**batch_inputs(batch.to(dev, torch.float32)))[0].double())
+            logps.append(m.model(**batch_inputs(batch.to(dev, dt)))[0].double())
         for pair in chunk:
             pair.video.release()
         ratio = beta * (logps[0] - logps[1])
