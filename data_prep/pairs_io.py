@@ -32,6 +32,10 @@ from safevid.data_prep.rejects import Rejects
 REQUIRED_FIELDS = ("id", "prompt", "chosen", "rejected")
 VIDEO_FIELDS = ("video", "video_id")
 OPTIONAL_FIELDS = ("category", "query_type", "provenance", "split")
+# A saved DatasetDict's split names as our splits (shard file names): evaluation splits are
+# held out; any other name is kept as it is.
+DATASET_SPLITS = {"train": "train", "test": "heldout", "validation": "heldout",
+                  "valid": "heldout", "val": "heldout", "eval": "heldout", "dev": "heldout"}
 PAIR_FIELDS_ALL = REQUIRED_FIELDS[:1] + VIDEO_FIELDS + REQUIRED_FIELDS[1:] + OPTIONAL_FIELDS
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 # Everything but provenance (free-form metadata) must be a string when present.
@@ -388,9 +392,14 @@ def _read_dataset_dir(path: Path, rejects: Rejects) -> Iterator[tuple[str, Any]]
     except (OSError, ValueError) as exc:  # FileNotFoundError when it is not a saved dataset
         rejects.add(str(path), f"not a dataset written by datasets' save_to_disk: {exc}")
         return
-    # DatasetDict.save_to_disk puts each split in its own subdirectory: name rows after it.
+    # DatasetDict.save_to_disk puts each split in its own subdirectory: name rows after it,
+    # and a row without a split of its own goes to its split's shards (test and validation rows
+    # are held out: they must never reach the training shards).
     parts = loaded.items() if isinstance(loaded, DatasetDict) else [(None, loaded)]
     for split, dataset in parts:
         base = path if split is None else path / split
+        ours = DATASET_SPLITS.get(split, split)
         for index, row in enumerate(dataset):
+            if ours is not None and not row.get("split"):
+                row = {**row, "split": ours}
             yield f"{base}#{index}", row

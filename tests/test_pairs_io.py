@@ -221,6 +221,9 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
     dd = tmp_path / "dd"
     pairs, _ = read(dd, tmp_path)
     assert sorted(p["_source"] for p in pairs) == [f"{dd / 'test'}#0", f"{dd / 'train'}#0"]
+    # Each split's rows go to their own shards: the test split is held out, never trained on.
+    assert {p["_source"]: p["split"] for p in pairs} == {f"{dd / 'test'}#0": "heldout",
+                                                         f"{dd / 'train'}#0": "train"}
 
 
 def test_directory_that_is_not_a_dataset_rejects_the_input(tmp_path):
