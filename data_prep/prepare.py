@@ -137,9 +137,20 @@ def plan_shards(videos_dir: Path, pairs: list[dict], rejects: Rejects, videos_pe
     return plan
 
 
-def _fingerprint(base: str, shard: list[tuple[str, list[dict]]]) -> str:
-    """Settings and the shard's videos with their pair ids: equal only for the same shard."""
-    content = json.dumps([base, [(rel, [p.get("id") for p in group]) for rel, group in shard]])
+def _fingerprint(base: str, videos_dir: Path, shard: list[tuple[str, list[dict]]]) -> str:
+    """Settings, and the shard's videos (path, size, modification time) with every field of
+    their pairs that goes into it: equal only for the same shard. A rerun after a fix to a
+    pair's text or a re-encoded video writes that shard again, never keeps the old one."""
+    def stamp(rel: str) -> list[int] | None:
+        try:
+            st = (videos_dir / rel).stat()
+        except OSError:
+            return None  # not there: the decode rejects it, and a later copy changes this
+        return [st.st_size, st.st_mtime_ns]
+
+    content = json.dumps([base, [(rel, stamp(rel), [{k: p[k] for k in PAIR_KEEP if k in p}
+                                                    for p in group]) for rel, group in shard]],
+                         default=str)
     return hashlib.sha1(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -177,7 +188,8 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     # What each shard must hold: its settings and its videos. A shard recorded with another
     # fingerprint (a rerun with other settings or inputs) is written again, never kept.
     base = json.dumps([asdict(settings), seed, videos_per_shard])
-    prints = {split: [_fingerprint(base, shard) for shard in shards] for split, shards in plan.items()}
+    prints = {split: [_fingerprint(base, videos_dir, shard) for shard in shards]
+              for split, shards in plan.items()}
     job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
            "plan": {split: len(shards) for split, shards in plan.items()}, "fingerprints": prints,
            "num_jobs": num_jobs, "inputs": len(pairs) + read_rejects.count,

@@ -183,6 +183,19 @@ def test_seeded_order_job_array_merge_and_resume(tmp_path, monkeypatch):
     assert prepare_main(["--merge", "--out", str(array)]) == 0
     assert _members(array) == _members(single)
 
+    # A pair's text fixed in place (same id), then a rerun: only the shard that holds it is
+    # written again, with the new text; a kept old shard would train on the old one.
+    def holder(out: Path) -> str:
+        return next(n.split("/")[0] for n, data in _members(out).items()
+                    if n.endswith(".json") and "p0" in {p["id"] for p in json.loads(data)["pairs"]})
+
+    stamp = {p.name: p.stat().st_mtime_ns for p in single.glob("*.tar")}
+    edited = [dict(r, chosen="A corrected answer.") if r["id"] == "p0" else r for r in rows]
+    assert _run(tmp_path, videos, edited, out="single")[0] == 0
+    after = {p.name: p.stat().st_mtime_ns for p in single.glob("*.tar")}
+    assert {n for n in stamp if after[n] != stamp[n]} == {holder(single)}
+    assert b"A corrected answer." in b"".join(_members(single).values())
+
 
 def test_videos_from_a_list_file(tmp_path):
     videos = tmp_path / "videos"
