@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safevid.data_prep.frames import VideoError, encode_jpeg, read_frames
+from safevid.data_prep.frames import VideoError, encode_jpeg, is_video_file, read_frames
 from safevid.data_prep.jobs import Earlier, array_job
 from safevid.data_prep.keys import UnsafePath, confine, sample_key
 from safevid.data_prep.pairs_io import FORMATS, iter_pairs, parse_map
@@ -67,11 +67,16 @@ def _video_relpath(videos_dir: Path, pair: dict) -> str:
         return pair["video"].replace("\\", "/")
     name = str(pair["video_id"])
     confine(videos_dir, name)
-    # The id is a name, not a pattern: `clip [hd]` must not match other files.
-    matches = sorted(p for p in videos_dir.glob(f"{glob.escape(name)}.*") if p.is_file())
-    rel = matches[0].relative_to(videos_dir).as_posix() if matches else f"{name}.mp4"
-    confine(videos_dir, rel)  # the file chosen, links included
-    return rel
+    # The id is a name, not a pattern: `clip [hd]` must not match other files. Only a video
+    # named exactly so counts: not `clip.en.vtt` or `clip.info.json` beside it, nor
+    # `clip.v2.mp4` (another video).
+    stem = Path(name).name
+    matches = sorted(p for p in videos_dir.glob(f"{glob.escape(name)}.*")
+                     if p.stem == stem and is_video_file(p) and p.is_file())
+    if len(matches) > 1:
+        raise UnsafePath(f"video_id {name!r} names {len(matches)} videos ("
+                         f"{', '.join(p.name for p in matches)}); give the file in `video`")
+    return matches[0].relative_to(videos_dir).as_posix() if matches else f"{name}.mp4"
 
 
 def _quiet_worker() -> None:

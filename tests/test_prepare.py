@@ -214,7 +214,7 @@ def test_videos_from_a_list_file(tmp_path):
     assert reject["id"] == "p2" and "not in the --videos list" in reject["reason"]
 
 
-def test_video_ids_are_names_and_links_stay_inside(tmp_path):
+def test_video_ids_name_one_video_and_paths_stay_inside(tmp_path):
     from safevid.data_prep.keys import UnsafePath
     from safevid.data_prep.prepare import _video_relpath
 
@@ -224,11 +224,23 @@ def test_video_ids_are_names_and_links_stay_inside(tmp_path):
     (videos / "other.mp4").write_bytes(b"x")
     assert _video_relpath(videos, {"video_id": "clip [hd]"}) == "clip [hd].mkv"
     assert _video_relpath(videos, {"video_id": "*"}) == "*.mp4"  # no file: "not found" later
-    outside = tmp_path / "outside.mp4"
+    # Only video files named exactly so: not subtitles or metadata beside it, nor another
+    # video whose name starts alike; two videos of one name are refused as ambiguous.
+    for name in ("abc.en.vtt", "abc.info.json", "abc.mp4", "abc.v2.mp4", "two.mp4", "two.webm"):
+        (videos / name).write_bytes(b"x")
+    assert _video_relpath(videos, {"video_id": "abc"}) == "abc.mp4"
+    with pytest.raises(UnsafePath, match="names 2 videos"):
+        _video_relpath(videos, {"video_id": "two"})
+    # A link inside the directory is followed (a hub snapshot links every file into blobs/);
+    # a path in the pairs that climbs out is refused.
+    outside = tmp_path / "blobs" / "0a1b2c"
+    outside.parent.mkdir()
     outside.write_bytes(b"x")
     (videos / "link.mp4").symlink_to(outside)
-    with pytest.raises(UnsafePath, match="links out"):
-        _video_relpath(videos, {"video_id": "link"})
+    assert _video_relpath(videos, {"video_id": "link"}) == "link.mp4"
+    for bad in ("../outside.mp4", "/etc/passwd", "a/../../b.mp4"):
+        with pytest.raises(UnsafePath, match="outside the video directory"):
+            _video_relpath(videos, {"video": bad})
 
 
 def test_a_rerun_with_other_settings_rewrites_its_shards(tmp_path):
