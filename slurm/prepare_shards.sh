@@ -17,10 +17,15 @@
 #SBATCH --output=slurm-%x-%A_%a.out
 set -euo pipefail
 
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
-elif [ -x .venv/bin/python ]; then py=.venv/bin/python
-else py=python3; fi
+# Paths on the command line mean what they say from where the command is run (outside Slurm
+# the script stays in the working directory; sbatch starts it in the submit directory); config
+# names such as configs/demo.yaml are also found in the repository. The repository: this
+# script's own (under sbatch it runs from a copy), $SAFEVID_HOME, or the submit directory.
+py=
+for repo in "$(cd "$(dirname "$0")/.." && pwd)" "${SAFEVID_HOME:-}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
+  if [ -n "$repo" ] && [ -f "$repo/slurm/python.sh" ]; then . "$repo/slurm/python.sh"; break; fi
+done
+: "${py:?cannot find the SafeVid repository: set SAFEVID_HOME=/path/to/SafeVid}"
 
 workers=()
 if [[ " $* " != *" --workers "* ]]; then workers=(--workers "${SLURM_CPUS_PER_TASK:-2}"); fi

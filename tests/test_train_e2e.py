@@ -357,14 +357,17 @@ def test_corrupt_frames_are_rejected_and_training_goes_on(demo_assets, tmp_path)
 
 def test_slurm_script_builds_missing_assets_once(tmp_path):
     # Both ranks find the assets missing and start building at the same moment; the lock lets
-    # one build while the other waits, and neither sees a half-built directory.
+    # one build while the other waits, and neither sees a half-built directory. Run from
+    # outside the repository with relative paths: they mean what they say from there (the
+    # config name is found in the repository, and so is the repository's Python).
     assets, out = tmp_path / "fresh-assets", tmp_path / "run"
     env = {**child_env(), "NPROC_PER_NODE": "2"}
+    env.pop("PYTHON", None)
     proc = subprocess.run(
-        ["bash", "slurm/train_dpo.sh", "configs/demo.yaml", f"output_dir={out}",
-         f"demo.assets_dir={assets}", "train.max_steps=2", "train.eval_every=0",
+        ["bash", str(REPO / "slurm" / "train_dpo.sh"), "configs/demo.yaml", "output_dir=run",
+         "demo.assets_dir=fresh-assets", "train.max_steps=2", "train.eval_every=0",
          "train.export_hf=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in _rows(out)] == [1, 2]
     assert (assets / "COMPLETE").is_file()
