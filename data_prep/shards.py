@@ -29,11 +29,23 @@ def member_index(path: Path, pairs: dict[str, int] | None = None) -> dict:
     import tarfile
 
     samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
+    try:
+        tar = tarfile.open(path, "r:")  # uncompressed only: offsets must be the file's own
+    except tarfile.ReadError as exc:
+        raise tarfile.ReadError(
+            f"{path}: not an uncompressed tar file ({exc}); the indexed loader reads members "
+            "by their offsets in the file, so decompress the shard (gunzip), or set "
+            "data.loader=stream") from exc
+    with tar:
         for m in tar.getmembers():
             if not m.isfile():
                 continue
-            key, _, ext = m.name.partition(".")
+            # WebDataset's grouping: the key is the member's directory and its basename up to
+            # the first dot (`./clip.json` and `clips.v2/a.json` as made by other tools too),
+            # the extension lower case.
+            head, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key, ext = (f"{head}/{stem}" if head else stem), ext.lower()
             entry = samples.setdefault(key, {"json": None, "jpg": []})
             if ext == "json":
                 entry["json"] = [m.offset_data, m.size]

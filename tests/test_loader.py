@@ -148,3 +148,42 @@ def test_mixture_groups_sum_to_the_step():
     assert sum(group_shares(128, [1.0] * 6)) == 128
     with pytest.raises(Exception, match="no group"):
         group_shares(4, [100, 1])
+
+
+def test_shards_made_by_other_tools_are_read_as_webdataset_groups_them(demo_assets, tmp_path):
+    """Members named `./clip.json` (tar -C dir -cf x.tar .), in a folder with a dot, with an
+    upper-case extension: grouped as WebDataset groups them (directory and basename up to the
+    first dot), so every sample keeps its JSON and frames. A compressed shard is refused with
+    what to do (its offsets are not the file's); a loose glob skips the JSON sidecars."""
+    import gzip
+    import io
+    import tarfile
+
+    from safevid.data.indexed import read_sample
+
+    good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
+    want = {r.key: r.pairs for r in load_index([str(good)])}
+    other = tmp_path / "other-000000.tar"
+    with tarfile.open(good) as src, tarfile.open(other, "w") as dst:
+        keys = sorted({m.name.split(".")[0] for m in src.getmembers()})
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            prefix = "./" if keys.index(m.name.split(".")[0]) % 2 else "clips.v2/"
+            name = m.name if not m.name.endswith(".jpg") else m.name[:-4] + ".JPG"
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    refs = load_index([str(other)])
+    assert sorted(r.pairs for r in refs) == sorted(want.values())
+    assert all(r.json is not None and r.jpgs for r in refs)
+    assert {r.key.split("/")[0] for r in refs} == {".", "clips.v2"}
+    rejects = Rejects(None, keep=True)
+    video = read_sample(refs[0], rejects)
+    assert video is not None and not rejects.records and video.decode_error() is None
+
+    packed = tmp_path / "packed-000000.tar"
+    packed.write_bytes(gzip.compress(good.read_bytes()))
+    with pytest.raises(tarfile.ReadError, match="not an uncompressed tar file.*data.loader=stream"):
+        load_index([str(packed)])
+    (tmp_path / "other-000000.idx.json").write_text("{}")
+    assert expand_shards(str(tmp_path / "other-*")) == [str(other)]

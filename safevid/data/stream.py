@@ -118,7 +118,11 @@ def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
         except braceexpand.UnbalancedBracesError as exc:
             raise DataError(f"key '{key}': {exc}") from exc
         for pattern in patterns:
-            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            matches = [pattern]
+            if any(c in pattern for c in "*?["):
+                # A loose glob (`train-*`) also matches the shards' JSON sidecars (member
+                # indexes, reference log-probs): no shard is a JSON file.
+                matches = sorted(m for m in glob.glob(pattern) if not m.endswith(".json"))
             for m in matches:
                 if not Path(m).is_file():
                     raise DataError(f"key '{key}': shard not found: {m}")
