@@ -152,9 +152,10 @@ def _check(pair: dict) -> str | None:
     missing = [f for f in REQUIRED_FIELDS if pair.get(f) is None]
     if missing:
         return f"missing fields: {', '.join(missing)}"
-    if isinstance(pair["id"], int) and not isinstance(pair["id"], bool):
+    for f in ("id", "video_id"):
         # Numeric ids are common in Parquet and datasets exports; an id is only a key.
-        pair["id"] = str(pair["id"])
+        if isinstance(pair.get(f), int) and not isinstance(pair[f], bool):
+            pair[f] = str(pair[f])
     wrong = [f"{f} ({type(pair[f]).__name__})" for f in STRING_FIELDS
              if pair.get(f) is not None and not isinstance(pair[f], str)]
     if wrong:

@@ -25,10 +25,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from safevid.data_prep.frames import VideoError, encode_jpeg, is_video_file, read_frames
 from safevid.data_prep.jobs import Earlier, array_job
@@ -64,7 +65,8 @@ def _video_relpath(videos_dir: Path, pair: dict) -> str:
     """The pair's video, relative to `videos_dir` ('/'-separated); raises UnsafePath."""
     if pair.get("video"):
         confine(videos_dir, pair["video"])
-        return pair["video"].replace("\\", "/")
+        # One spelling per file: `./a.mp4` and `a.mp4` are one video (one sample, one key).
+        return PurePosixPath(pair["video"].replace("\\", "/")).as_posix()
     name = str(pair["video_id"])
     confine(videos_dir, name)
     # The id is a name, not a pattern: `clip [hd]` must not match other files. Only a video
@@ -108,12 +110,17 @@ def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[
 
 def read_video_list(path: Path) -> tuple[Path, set[str]]:
     """`--videos LIST`: a text file of video paths, one a line, relative to the file's own
-    directory (which confines them); '#' starts a comment. The directory and the listed paths."""
+    directory (which confines them). A line starting with '#' is a comment, and so is a
+    trailing ` # ...` unless the whole line names a file. The directory and the listed paths."""
     listed = set()
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            listed.add(line.replace("\\", "/"))
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # A trailing ` # comment`, unless the whole line names a file (`Episode #12.mp4`).
+        if not (path.parent / line).is_file():
+            line = re.split(r"\s#", line, maxsplit=1)[0].strip()
+        listed.add(PurePosixPath(line.replace("\\", "/")).as_posix())
     return path.parent, listed
 
 

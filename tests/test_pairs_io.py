@@ -82,9 +82,12 @@ def test_duplicate_id_names_the_first_occurrence(tmp_path):
 def test_normalised_pair(tmp_path):
     extras = {"category": "violence/weapons", "query_type": "direct", "split": "heldout",
               "provenance": {"model": "m"}, "unrelated": 1}
-    path = write_jsonl(tmp_path / "pairs.jsonl", [pair(1, **extras), pair(2, video=None, video_id="v2")])
-    (first, second), rejected = read(path, tmp_path)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [pair(1, **extras), pair(2, video=None, video_id="v2"),
+                                                  pair(3, id=3, video=None, video_id=17)])
+    (first, second, numeric), rejected = read(path, tmp_path)
     assert not rejected
+    # Numeric ids (common in Parquet and datasets exports) are keys: read as text.
+    assert numeric["id"] == "3" and numeric["video_id"] == "17"
     assert first == {**pair(1), "video_id": None, **{k: v for k, v in extras.items() if k != "unrelated"},
                      "_source": f"{path}:1"}
     assert second["video"] is None and second["video_id"] == "v2" and "split" not in second

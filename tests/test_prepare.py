@@ -199,17 +199,21 @@ def test_seeded_order_job_array_merge_and_resume(tmp_path, monkeypatch):
 
 def test_videos_from_a_list_file(tmp_path):
     videos = tmp_path / "videos"
-    for name in ("a/one.mp4", "b/two.mp4", "c/three.mp4"):
+    for name in ("a/one.mp4", "b/two.mp4", "c/three.mp4", "d/Episode #4.mp4"):
         _indexed_video(videos / name, frames=8)
     listing = videos / "list.txt"
-    listing.write_text("# the clips to use\na/one.mp4\nb/two.mp4  # this one too\n")
-    rows = [_pair(0, "a/one.mp4"), _pair(1, "b/two.mp4"), _pair(2, "c/three.mp4")]
+    # '#' starts a comment at the start of a line or after a space, not inside a name; `./`
+    # spellings name the same file as in the pairs.
+    listing.write_text("# the clips to use\na/one.mp4\n./b/two.mp4  # this one too\n"
+                       "d/Episode #4.mp4\n")
+    rows = [_pair(0, "a/one.mp4"), _pair(1, "b/two.mp4"), _pair(2, "c/three.mp4"),
+            _pair(3, "./d/Episode #4.mp4")]
     pairs = _pairs_file(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "shards"
     assert prepare_main(["--videos", str(listing), "--pairs", str(pairs), "--out", str(out),
                          "--frames", "4", "--size", "32", "--no-progress"]) == 0
     index = json.loads((out / "index.json").read_text())
-    assert index["totals"] == {"videos": 2, "pairs": 2, "rejected": 1, "inputs": 3}
+    assert index["totals"] == {"videos": 3, "pairs": 3, "rejected": 1, "inputs": 4}
     (reject,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["id"] == "p2" and "not in the --videos list" in reject["reason"]
 
