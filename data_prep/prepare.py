@@ -88,8 +88,58 @@ def _quiet_worker() -> None:
     os.dup2(devnull, 2)
 
 
+class _Decoders:
+    """The decoding processes. A video that kills its process (a crash inside the decoder, a
+    kill for memory) breaks the whole pool, and every video in flight fails with it: each of
+    those is decoded again alone, so only the one that kills its process is rejected, and the
+    pool is started afresh. The job goes on; a rerun does not meet the crash again (the
+    video's rejection is in its shard's record)."""
+
+    def __init__(self, workers: int, context, settings: FrameSettings):
+        self.workers, self.context, self.settings = workers, context, settings
+        self.pool = self._start(workers)
+
+    def _start(self, workers: int):
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_quiet_worker)
+
+    def submit(self, path: str):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(decode_video, path, self.settings)
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._start(self.workers)
+            return self.pool.submit(decode_video, path, self.settings)
+
+    def result(self, future, path: str) -> tuple[dict | None, list[bytes] | None, str | None]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            alone = self._start(1)
+            try:
+                return alone.submit(decode_video, path, self.settings).result()
+            except BrokenProcessPool:
+                return None, None, ("the decoding process died on this video (a crash inside "
+                                    "the decoder, or killed for memory)")
+            finally:
+                alone.shutdown()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
 def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[bytes] | None, str | None]:
     """(record, JPEG frames, None) or (None, None, reason); runs in a worker process."""
+    # Fault injection for the test suite: a decoder that crashes on one file (no real file
+    # crashes the decoders here on purpose). Unset in normal runs.
+    crash = os.environ.get("SAFEVID_TEST_DECODER_CRASH")
+    if crash and path.endswith(crash):
+        os._exit(139)
     if not Path(path).is_file():
         return None, None, "not found"
     if Path(path).stat().st_size == 0:
@@ -189,7 +239,6 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     already hold inputs rejected while reading the pairs. Returns the index, or None for a job
     of an array (run `merge_parts` once all have finished)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     settings = FrameSettings(num_frames, size, crop, fps, jpeg_quality, short_videos, max_pixels)
     read_rejects = rejects or Rejects(None, keep=True)
@@ -214,15 +263,14 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             and _recorded(parts / f"{_shard_name(split, i)}.json") != prints[split][i]]
     total = sum(len(shard) for _, _, shard in mine)
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
-    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_quiet_worker) as pool, \
-            tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
+    decoders = _Decoders(max(1, workers), context, settings)
+    with tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
         # Two shards in flight at most: decoded frames wait in memory only that long.
         pending: list = []
 
         def submit(k: int) -> None:
             if k < len(mine):
-                pending.append([pool.submit(decode_video, str(videos_dir / rel), settings)
-                                for rel, _ in mine[k][2]])
+                pending.append([decoders.submit(str(videos_dir / rel)) for rel, _ in mine[k][2]])
 
         submit(0)
         submit(1)
@@ -232,7 +280,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             samples, n_pairs = [], 0
             shard_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
             for (rel, group), future in zip(shard, futures, strict=True):
-                record, jpegs, error = future.result()
+                record, jpegs, error = decoders.result(future, str(videos_dir / rel))
                 bar.update(1)
                 if error is not None:
                     for p in group:
@@ -250,6 +298,7 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
             write_text_atomic(parts / f"{name}.json", json.dumps(
                 {"file": name if samples else None, "videos": len(samples), "pairs": n_pairs,
                  "fingerprint": prints[split][i], "rejects": shard_rejects.records}))
+    decoders.shutdown()
     return merge_parts(out_dir) if num_jobs == 1 else None
 
 

@@ -260,3 +260,19 @@ def test_a_rerun_with_other_settings_rewrites_its_shards(tmp_path):
     assert _run(tmp_path, videos, rows, "--job-index", "0", "--num-jobs", "2", out="x")[0] == 0
     with pytest.raises(SystemExit, match="disagree"):
         prepare_main(["--merge", "--out", str(tmp_path / "x")])
+
+
+def test_a_video_that_kills_its_decoder_is_rejected_and_the_job_goes_on(tmp_path, monkeypatch):
+    """A crash inside the decoder (a segfault on a corrupt file, a kill for memory) takes its
+    process and the whole pool down, and every video in flight with it. No real file crashes
+    the decoders here on purpose, so a test hook makes one file do so: only that video's pairs
+    are rejected, naming it, every other video is written, and the job ends normally."""
+    videos, rows = _many(tmp_path, n=6)
+    monkeypatch.setenv("SAFEVID_TEST_DECODER_CRASH", "cat_b/v3.mp4")
+    rc, out = _run(tmp_path, videos, rows, out="crash")
+    assert rc == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["totals"] == {"videos": 5, "pairs": 10, "rejected": 2, "inputs": 12}
+    rejected = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rejected) == ["p6", "p7"]
+    assert all("cat_b/v3.mp4: the decoding process died" in r["reason"] for r in rejected)
