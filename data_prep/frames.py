@@ -110,7 +110,8 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg",
-                                   ".mpeg", ".flv", ".wmv", ".3gp", ".ogv"}
+                                   ".mpeg", ".flv", ".f4v", ".wmv", ".3gp", ".ogv", ".ts",
+                                   ".m2ts", ".mts", ".vob", ".mxf"}
 
 
 __all__ = [

@@ -106,9 +106,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="rejects JSONL (default: <out stem>.rejects.jsonl)")
     g = p.add_argument_group("jobs")
     g.add_argument("--job-index", type=int,
-                   help="this job's index (default: $SLURM_ARRAY_TASK_ID, else 0)")
+                   help="this job's index (default: the Slurm array task's place in its "
+                        "array, else 0)")
     g.add_argument("--num-jobs", type=int,
-                   help="number of jobs (default: $SLURM_ARRAY_TASK_COUNT, else 1); with more "
+                   help="number of jobs (default: the Slurm array's task count, or the "
+                        "earlier array's for a task run again alone, else 1); with more "
                         "than one, each job writes <out stem>.part-IIIII-of-NNNNN.jsonl")
     g.add_argument("--window", type=int,
                    help="inputs in progress at once (default: 2 x concurrency for pairs, "

@@ -61,7 +61,7 @@ def job_from_env(job_index: int | None, num_jobs: int | None, out: Path) -> tupl
     except (OSError, ValueError, TypeError):
         earlier = None
     index, count, shape = array_job(job_index, num_jobs, earlier)
-    if count > 1 and shape != earlier:
+    if shape is not None and shape.count > 1 and shape != earlier:
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps([shape.count, shape.first, shape.step]))
     return index, count

@@ -399,7 +399,8 @@ def _read_dataset_dir(path: Path, rejects: Rejects) -> Iterator[tuple[str, Any]]
     parts = loaded.items() if isinstance(loaded, DatasetDict) else [(None, loaded)]
     for split, dataset in parts:
         base = path if split is None else path / split
-        ours = DATASET_SPLITS.get(split, split)
+        # Any other name as a valid split (it names shard files): `train.clean` -> train_clean.
+        ours = DATASET_SPLITS.get(split, re.sub(r"[^A-Za-z0-9_-]+", "_", split or "") or None)
         for index, row in enumerate(dataset):
             if ours is not None and not row.get("split"):
                 row = {**row, "split": ours}

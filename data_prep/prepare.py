@@ -90,29 +90,36 @@ def _quiet_worker() -> None:
 
 class _Decoders:
     """The decoding processes. A video that kills its process (a crash inside the decoder, a
-    kill for memory) breaks the whole pool, and every video in flight fails with it: each of
-    those is decoded again alone, so only the one that kills its process is rejected, and the
-    pool is started afresh. The job goes on; a rerun does not meet the crash again (the
+    kill for memory) breaks the whole pool, and every video in flight fails with it. The pool
+    is started afresh for what comes next; each video that was in flight is decoded again in
+    one separate process, one at a time, so only the one that kills it is rejected (and that
+    process alone is restarted). The job goes on; a rerun does not meet the crash again (the
     video's rejection is in its shard's record)."""
 
     def __init__(self, workers: int, context, settings: FrameSettings):
         self.workers, self.context, self.settings = workers, context, settings
         self.pool = self._start(workers)
+        self.retry = None  # the one-process pool for videos that were in flight at a crash
 
     def _start(self, workers: int):
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_quiet_worker)
 
+    def _restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start(self.workers)
+
     def submit(self, path: str):
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return self.pool.submit(decode_video, path, self.settings)
+            future = self.pool.submit(decode_video, path, self.settings)
         except BrokenProcessPool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._start(self.workers)
-            return self.pool.submit(decode_video, path, self.settings)
+            self._restart()
+            future = self.pool.submit(decode_video, path, self.settings)
+        future.pool = self.pool  # which pool to restart if this one breaks
+        return future
 
     def result(self, future, path: str) -> tuple[dict | None, list[bytes] | None, str | None]:
         from concurrent.futures.process import BrokenProcessPool
@@ -120,17 +127,21 @@ class _Decoders:
         try:
             return future.result()
         except BrokenProcessPool:
-            alone = self._start(1)
-            try:
-                return alone.submit(decode_video, path, self.settings).result()
-            except BrokenProcessPool:
-                return None, None, ("the decoding process died on this video (a crash inside "
-                                    "the decoder, or killed for memory)")
-            finally:
-                alone.shutdown()
+            if future.pool is self.pool:  # the first of its videos to find it broken
+                self._restart()
+        self.retry = self.retry or self._start(1)
+        try:
+            return self.retry.submit(decode_video, path, self.settings).result()
+        except BrokenProcessPool:
+            self.retry.shutdown(wait=False, cancel_futures=True)
+            self.retry = None
+            return None, None, ("the decoding process died on this video (a crash inside the "
+                                "decoder, or killed for memory)")
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+        if self.retry is not None:
+            self.retry.shutdown()
 
 
 def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[bytes] | None, str | None]:
@@ -254,8 +265,9 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     job = {"settings": asdict(settings), "seed": seed, "videos_per_shard": videos_per_shard,
            "plan": {split: len(shards) for split, shards in plan.items()}, "fingerprints": prints,
            "num_jobs": num_jobs, "inputs": len(pairs) + read_rejects.count,
-           # The Slurm array's task numbering, for a task run again alone (data_prep.jobs).
-           "array": [num_jobs, array.first, array.step] if array else [num_jobs, 0, 1],
+           # The Slurm array's task numbering, for a task run again alone (data_prep.jobs);
+           # null for a split given by hand.
+           "array": [array.count, array.first, array.step] if array else None,
            "rejects": read_rejects.records + plan_rejects.records}
     write_text_atomic(parts / f"job-{job_index}-of-{num_jobs}.json", json.dumps(job))
     mine = [(split, i, shard) for split, shards in plan.items() for i, shard in enumerate(shards)
@@ -352,15 +364,25 @@ def merge_parts(out_dir: Path) -> dict:
 
 def earlier_array(out_dir: Path) -> Earlier | None:
     """The job array an earlier run into `out_dir` was split into (from its job records), so
-    that a task run again alone does the same shards; None without one agreed record."""
-    shapes = set()
+    that a task run again alone does the same shards: the Slurm array's recorded shape, else
+    (a split given by hand) its job count from 0; None without records. ValueError when the
+    records disagree (the merge would refuse them too)."""
+    counts, shapes = set(), set()
     for path in (out_dir / PARTS).glob("job-*-of-*.json"):
         try:
             job = json.loads(path.read_text())
-            shapes.add(Earlier(*job.get("array") or (job["num_jobs"],)))
+            counts.add(int(job["num_jobs"]))
+            if job.get("array"):
+                shapes.add(Earlier(*job["array"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return shapes.pop() if len(shapes) == 1 else None
+    if not counts:
+        return None
+    if len(counts) > 1 or len(shapes) > 1 or (shapes and shapes.copy().pop().count not in counts):
+        raise ValueError(f"the job records in {out_dir / PARTS} disagree on the job array "
+                         f"({sorted(counts)} jobs): set --job-index and --num-jobs, or prepare "
+                         "into a new --out")
+    return shapes.pop() if shapes else Earlier(counts.pop())
 
 
 def main(argv: list[str]) -> int:
@@ -407,8 +429,8 @@ def main(argv: list[str]) -> int:
                 print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
                 return 2
         try:
-            args.job_index, args.num_jobs, shape = array_job(args.job_index, args.num_jobs,
-                                                             earlier_array(args.out))
+            earlier = earlier_array(args.out) if os.environ.get("SLURM_ARRAY_TASK_ID") else None
+            args.job_index, args.num_jobs, shape = array_job(args.job_index, args.num_jobs, earlier)
         except ValueError as exc:
             print(f"safevid prepare: {exc}", file=sys.stderr)
             return 2

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """A reader sees the old file or the whole new one, never part of one. The temporary name
-    carries the process id, so that processes writing the same file never share it, and the
-    data reaches the disk before the rename makes it visible."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    carries the process id and a random part, so that processes writing the same file (on
+    other nodes too) never share it, and the data reaches the disk before the rename makes it
+    visible."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "w") as f:
             f.write(text)

@@ -156,10 +156,15 @@ def _string_field(key: str) -> tuple[bool, bool]:
     import dataclasses
     import typing
 
-    cls: type = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
+    kind: object = Config
+    nullable = False
+    for part in key.split("."):
+        if typing.get_origin(kind) is list and part.isdigit():  # data.mix.0.shards
+            kind, nullable = typing.get_args(kind)[0], False
+            continue
+        if not dataclasses.is_dataclass(kind):
+            return False, False
+        hints = typing.get_type_hints(kind)
         if part not in hints:
             return False, False
         kind = hints[part]
@@ -167,12 +172,7 @@ def _string_field(key: str) -> tuple[bool, bool]:
         nullable = type(None) in args
         if nullable:
             kind = next(a for a in args if a is not type(None))
-        if i == len(parts) - 1:
-            return kind is str, nullable
-        if not dataclasses.is_dataclass(kind):
-            return False, False
-        cls = kind
-    return False, False
+    return kind is str, nullable
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -197,7 +197,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, value = (part.strip() for part in item.split("=", 1))
         try:
             text, nullable = _string_field(key)
-            if text:
+            # `null` for a key that may not be null goes to OmegaConf, which refuses it by name.
+            if text and not (value == "null" and not nullable):
                 # A string key takes the text as given: read as YAML, `data.shards=*.tar` or a
                 # brace pattern would not parse and `output_dir=0123` would become "83".
                 if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":

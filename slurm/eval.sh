@@ -24,11 +24,11 @@ set -euo pipefail
 # the script stays in the working directory; sbatch starts it in the submit directory); config
 # names such as configs/demo.yaml are also found in the repository. The repository: this
 # script's own (under sbatch it runs from a copy), $SAFEVID_HOME, or the submit directory.
-py=
+py=${PYTHON:-}
 for repo in "$(cd "$(dirname "$0")/.." && pwd)" "${SAFEVID_HOME:-}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
   if [ -n "$repo" ] && [ -f "$repo/slurm/python.sh" ]; then . "$repo/slurm/python.sh"; break; fi
 done
-: "${py:?cannot find the SafeVid repository: set SAFEVID_HOME=/path/to/SafeVid}"
+: "${py:?cannot find the SafeVid repository: set SAFEVID_HOME=/path/to/SafeVid or PYTHON}"
 
 if [ $# -eq 0 ]; then
   echo "usage: [sbatch|bash] slurm/eval.sh --model DIR --bench FILE --out DIR [safevid eval options]" >&2

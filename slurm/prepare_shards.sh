@@ -2,8 +2,8 @@
 # Shard preparation on a Slurm job array:
 #   sbatch --array=0-31 slurm/prepare_shards.sh --videos /data/videos --pairs /data/pairs.jsonl \
 #          --out /data/safevid --frames 16 --size 336 [--keep-aspect] [--fps 2]
-# Each array task writes the shards i with i % 32 == its index (SLURM_ARRAY_TASK_ID of
-# SLURM_ARRAY_TASK_COUNT), decoding with --workers processes (default: the task's CPUs). The
+# Each array task writes the shards i with i % 32 == its index (its place in the array, of
+# the array's task count), decoding with --workers processes (default: the task's CPUs). The
 # first task submits the merge, which runs once every task has succeeded
 # (--dependency=afterok) and writes index.json and rejects.jsonl. A failed or preempted task is
 # simply run again alone (`sbatch --array=7 ...`, the same task id as before): it does the same
@@ -21,11 +21,11 @@ set -euo pipefail
 # the script stays in the working directory; sbatch starts it in the submit directory); config
 # names such as configs/demo.yaml are also found in the repository. The repository: this
 # script's own (under sbatch it runs from a copy), $SAFEVID_HOME, or the submit directory.
-py=
+py=${PYTHON:-}
 for repo in "$(cd "$(dirname "$0")/.." && pwd)" "${SAFEVID_HOME:-}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
   if [ -n "$repo" ] && [ -f "$repo/slurm/python.sh" ]; then . "$repo/slurm/python.sh"; break; fi
 done
-: "${py:?cannot find the SafeVid repository: set SAFEVID_HOME=/path/to/SafeVid}"
+: "${py:?cannot find the SafeVid repository: set SAFEVID_HOME=/path/to/SafeVid or PYTHON}"
 
 workers=()
 if [[ " $* " != *" --workers "* ]]; then workers=(--workers "${SLURM_CPUS_PER_TASK:-2}"); fi

@@ -61,8 +61,12 @@ def test_string_overrides_are_taken_as_given():
                                     "model.name_or_path=${demo.assets_dir}/m"])
     assert cfg.data.shards == "/d/*.tar" and cfg.data.eval_shards is None
     assert cfg.output_dir == "0123" and cfg.model.name_or_path == "/x/m"
-    cfg = load_config(DEMO_CONFIG, ["data.shards={a,b}/train-*.tar", "output_dir='runs/a b'"])
+    cfg = load_config(DEMO_CONFIG, ["data.shards={a,b}/train-*.tar", "output_dir='runs/a b'",
+                                    "data.mix=[{shards: x.tar, weight: 2}]", "data.mix.0.shards=/m/*.tar"])
     assert cfg.data.shards == "{a,b}/train-*.tar" and cfg.output_dir == "runs/a b"
+    assert cfg.data.mix[0].shards == "/m/*.tar" and cfg.data.mix[0].weight == 2
+    with pytest.raises(ConfigError, match="train.ref_logps_dir"):  # may not be null
+        load_config(DEMO_CONFIG, ["train.ref_logps_dir=null"])
 
 
 def test_label_smoothing_only_for_losses_that_use_it():

@@ -219,14 +219,16 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
     assert [p["_source"] for p in pairs] == [f"{ds}#0", f"{ds}#2"]
     assert [(r["source"], r["reason"]) for r in rejected] == [(f"{ds}#1", "empty fields: prompt")]
 
-    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list([pair(4)])}).save_to_disk(
-        str(tmp_path / "dd"))
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list([pair(4)]),
+                 "train.other": Dataset.from_list([pair(5)])}).save_to_disk(str(tmp_path / "dd"))
     dd = tmp_path / "dd"
-    pairs, _ = read(dd, tmp_path)
-    assert sorted(p["_source"] for p in pairs) == [f"{dd / 'test'}#0", f"{dd / 'train'}#0"]
-    # Each split's rows go to their own shards: the test split is held out, never trained on.
-    assert {p["_source"]: p["split"] for p in pairs} == {f"{dd / 'test'}#0": "heldout",
-                                                         f"{dd / 'train'}#0": "train"}
+    pairs, rejected = read(dd, tmp_path)
+    assert not rejected
+    # Each split's rows go to their own shards: the test split is held out, never trained on;
+    # another name becomes a valid shard name.
+    assert {p["_source"]: p["split"] for p in pairs} == {
+        f"{dd / 'test'}#0": "heldout", f"{dd / 'train'}#0": "train",
+        f"{dd / 'train.other'}#0": "train_other"}
 
 
 def test_directory_that_is_not_a_dataset_rejects_the_input(tmp_path):

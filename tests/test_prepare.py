@@ -276,3 +276,34 @@ def test_a_video_that_kills_its_decoder_is_rejected_and_the_job_goes_on(tmp_path
     rejected = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rejected) == ["p6", "p7"]
     assert all("cat_b/v3.mp4: the decoding process died" in r["reason"] for r in rejected)
+
+
+def test_array_job_places_slurm_tasks(monkeypatch):
+    """A task's job is its place in its array (first id, step); a task run again alone, or a
+    few tasks not from the start, keep the earlier array's shape; a new smaller array keeps
+    its own; a split given by hand is never recorded as an array."""
+    from safevid.data_prep.jobs import Earlier, array_job
+
+    def slurm(task, count, first, last, step=1):
+        for name, value in (("ID", task), ("COUNT", count), ("MIN", first), ("MAX", last),
+                            ("STEP", step)):
+            monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", str(value))
+
+    assert array_job(None, None) == (0, 1, None)
+    assert array_job(2, 5) == (2, 5, None)
+    slurm(2, 3, 1, 3)  # --array=1-3
+    assert array_job(None, None) == (1, 3, Earlier(3, 1, 1))
+    slurm(4, 4, 0, 6, 2)  # --array=0-6:2
+    assert array_job(None, None) == (2, 4, Earlier(4, 0, 2))
+    slurm(2, 1, 2, 2)  # --array=2 after --array=1-3
+    assert array_job(None, None, Earlier(3, 1, 1)) == (1, 3, Earlier(3, 1, 1))
+    slurm(0, 1, 0, 0)  # --array=0 after --array=0-15
+    assert array_job(None, None, Earlier(16, 0, 1)) == (0, 16, Earlier(16, 0, 1))
+    slurm(9, 2, 3, 9)  # --array=3,9 after --array=0-15
+    assert array_job(None, None, Earlier(16, 0, 1)) == (9, 16, Earlier(16, 0, 1))
+    slurm(5, 8, 0, 7)  # --array=0-7 after --array=0-15: a new array
+    assert array_job(None, None, Earlier(16, 0, 1)) == (5, 8, Earlier(8, 0, 1))
+    assert array_job(1, 3, Earlier(16, 0, 1)) == (1, 3, None)  # by hand
+    slurm(3, 2, 0, 6, 6)
+    with pytest.raises(ValueError, match="not in the array"):
+        array_job(None, None)
