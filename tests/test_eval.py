@@ -627,7 +627,8 @@ def test_judge_free_rewards_equal_the_trainers_own_heldout_evaluation(demo_asset
     same = tmp_path / "same"
     assert main(["--model", str(demo_assets / "model"), "--bench", str(bench), "--videos",
                  str(demo_assets / "videos"), "--out", str(same), "--max-new-tokens", "4",
-                 "--no-progress", "--pairs", heldout, "--reference", str(demo_assets / "model")]) == 0
+                 "--no-progress", "--pairs", heldout, "--reference", str(demo_assets / "model"),
+                 "--max-pairs", "8"]) == 0
     base = json.loads((same / "report.json").read_text())["judge_free"][OVERALL]
     assert base["reward_accuracy"] == 0 and base["reward_margin"] == 0
     assert main(["--compare", str(same), str(out), "--out", str(tmp_path)]) == 0
