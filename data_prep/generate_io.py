@@ -61,6 +61,8 @@ def job_from_env(job_index: int | None, num_jobs: int | None, out: Path) -> tupl
     except (OSError, ValueError, TypeError):
         earlier = None
     index, count, shape = array_job(job_index, num_jobs, earlier)
+    if shape is None and count > 1 and earlier is None:
+        shape = Earlier(count)  # a split by hand: a later lone Slurm task keeps its job count
     if shape is not None and shape.count > 1 and shape != earlier:
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps([shape.count, shape.first, shape.step]))

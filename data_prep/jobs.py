@@ -35,10 +35,9 @@ def array_job(job_index: int | None, num_jobs: int | None,
     the split was given by hand or there is no array). Explicit values win; outside an array,
     one job. ValueError, saying what to set, when the task fits no job.
 
-    The earlier array's shape is taken for tasks run again: fewer tasks than before, and
-    either one task alone (`--array=7`, `--array=0`) or not a range from where the earlier
-    array started (`--array=3,9`). A new, smaller array from the same first id (`--array=0-7`
-    after `0-15`) keeps its own shape."""
+    The earlier array's shape is taken whenever Slurm reports fewer tasks than it had: tasks
+    run again (`--array=7`, `--array=0-3`, `--array=3,9`). A split into another number of
+    jobs needs a new output (the merge refuses mixed counts)."""
     task = _env_int("SLURM_ARRAY_TASK_ID")
     shape = None
     if task is None:
@@ -47,23 +46,20 @@ def array_job(job_index: int | None, num_jobs: int | None,
         first = _env_int("SLURM_ARRAY_TASK_MIN")
         shape = Earlier(_env_int("SLURM_ARRAY_TASK_COUNT") or 1, task if first is None else first,
                         _env_int("SLURM_ARRAY_TASK_STEP") or 1)
-        last = _env_int("SLURM_ARRAY_TASK_MAX")
         if earlier is not None and shape.count < earlier.count:
-            new = shape.count > 1 and shape.first == earlier.first and (
-                last is None or (last - shape.first) // shape.step + 1 == shape.count)
-            if not new:
-                shape = earlier
-                print(f"safevid: Slurm array task {task} runs again as job "
-                      f"{(task - shape.first) // shape.step} of the earlier array of "
-                      f"{shape.count} (from {shape.first}, step {shape.step})", file=sys.stderr)
+            shape = earlier
+            print(f"safevid: Slurm array task {task} runs again as job "
+                  f"{(task - shape.first) // shape.step} of the earlier array of "
+                  f"{shape.count} (from {shape.first}, step {shape.step})", file=sys.stderr)
         index, off = divmod(task - shape.first, shape.step)
         if off and job_index is None:
             raise ValueError(f"Slurm array task {task} is not in the array of {shape.count} from "
                              f"{shape.first}, step {shape.step}; set --job-index and --num-jobs")
         count = num_jobs if num_jobs is not None else shape.count
-        if job_index is not None or num_jobs is not None:
-            shape = None  # a split given by hand: no array shape to record
-        index = job_index if job_index is not None else index
+        if job_index is None:
+            shape = Earlier(count, shape.first, shape.step)
+        else:
+            index, shape = job_index, None  # a split given by hand: no array shape to record
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"job index {index} is not in [0, {count})"
                          + (f" (Slurm array task {task}); set --job-index and --num-jobs"

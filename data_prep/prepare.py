@@ -138,10 +138,10 @@ class _Decoders:
             return None, None, ("the decoding process died on this video (a crash inside the "
                                 "decoder, or killed for memory)")
 
-    def shutdown(self) -> None:
-        self.pool.shutdown()
-        if self.retry is not None:
-            self.retry.shutdown()
+    def shutdown(self, wait: bool = True) -> None:
+        for pool in (self.pool, self.retry):
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 def decode_video(path: str, settings: FrameSettings) -> tuple[dict | None, list[bytes] | None, str | None]:
@@ -276,41 +276,46 @@ def prepare_shards(videos_dir: Path, pairs: list[dict], out_dir: Path, num_frame
     total = sum(len(shard) for _, _, shard in mine)
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
     decoders = _Decoders(max(1, workers), context, settings)
-    with tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
-        # Two shards in flight at most: decoded frames wait in memory only that long.
-        pending: list = []
+    done = False
+    try:
+        with tqdm(total=total, desc="prepare", unit="video", disable=not progress) as bar:
+            # Two shards in flight at most: decoded frames wait in memory only that long.
+            pending: list = []
 
-        def submit(k: int) -> None:
-            if k < len(mine):
-                pending.append([decoders.submit(str(videos_dir / rel)) for rel, _ in mine[k][2]])
+            def submit(k: int) -> None:
+                if k < len(mine):
+                    pending.append([decoders.submit(str(videos_dir / rel)) for rel, _ in mine[k][2]])
 
-        submit(0)
-        submit(1)
-        for position, (split, i, shard) in enumerate(mine):
-            futures = pending.pop(0)
-            submit(position + 2)
-            samples, n_pairs = [], 0
-            shard_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
-            for (rel, group), future in zip(shard, futures, strict=True):
-                record, jpegs, error = decoders.result(future, str(videos_dir / rel))
-                bar.update(1)
-                if error is not None:
-                    for p in group:
-                        shard_rejects.add(p["_source"], f"video {rel}: {error}", id=p.get("id"))
-                    continue
-                kept = [{k: p[k] for k in PAIR_KEEP if k in p} for p in group]
-                doc = {"source": rel, "num_frames": len(jpegs), **record,
-                       "id": sample_key(rel), "pairs": kept}
-                samples.append((sample_key(rel), doc, jpegs))
-                n_pairs += len(kept)
-            name = _shard_name(split, i)
-            if samples:
-                write_shard(out_dir / name, samples)
-            # The record comes after the shard: a shard is counted only once it is whole.
-            write_text_atomic(parts / f"{name}.json", json.dumps(
-                {"file": name if samples else None, "videos": len(samples), "pairs": n_pairs,
-                 "fingerprint": prints[split][i], "rejects": shard_rejects.records}))
-    decoders.shutdown()
+            submit(0)
+            submit(1)
+            for position, (split, i, shard) in enumerate(mine):
+                futures = pending.pop(0)
+                submit(position + 2)
+                samples, n_pairs = [], 0
+                shard_rejects = Rejects(None, keep=True, prefix=read_rejects.prefix)
+                for (rel, group), future in zip(shard, futures, strict=True):
+                    record, jpegs, error = decoders.result(future, str(videos_dir / rel))
+                    bar.update(1)
+                    if error is not None:
+                        for p in group:
+                            shard_rejects.add(p["_source"], f"video {rel}: {error}", id=p.get("id"))
+                        continue
+                    kept = [{k: p[k] for k in PAIR_KEEP if k in p} for p in group]
+                    doc = {"source": rel, "num_frames": len(jpegs), **record,
+                           "id": sample_key(rel), "pairs": kept}
+                    samples.append((sample_key(rel), doc, jpegs))
+                    n_pairs += len(kept)
+                name = _shard_name(split, i)
+                if samples:
+                    write_shard(out_dir / name, samples)
+                # The record comes after the shard: a shard is counted only once it is whole.
+                write_text_atomic(parts / f"{name}.json", json.dumps(
+                    {"file": name if samples else None, "videos": len(samples), "pairs": n_pairs,
+                     "fingerprint": prints[split][i], "rejects": shard_rejects.records}))
+        done = True
+    finally:
+        # On an error, the queued decodes are cancelled rather than waited for.
+        decoders.shutdown(wait=done)
     return merge_parts(out_dir) if num_jobs == 1 else None
 
 
@@ -429,7 +434,9 @@ def main(argv: list[str]) -> int:
                 print(f"safevid prepare: {flag}: not found: {path}", file=sys.stderr)
                 return 2
         try:
-            earlier = earlier_array(args.out) if os.environ.get("SLURM_ARRAY_TASK_ID") else None
+            earlier = None
+            if os.environ.get("SLURM_ARRAY_TASK_ID") and None in (args.job_index, args.num_jobs):
+                earlier = earlier_array(args.out)
             args.job_index, args.num_jobs, shape = array_job(args.job_index, args.num_jobs, earlier)
         except ValueError as exc:
             print(f"safevid prepare: {exc}", file=sys.stderr)

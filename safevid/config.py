@@ -200,15 +200,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             # `null` for a key that may not be null goes to OmegaConf, which refuses it by name.
             if text and not (value == "null" and not nullable):
                 # A string key takes the text as given: read as YAML, `data.shards=*.tar` or a
-                # brace pattern would not parse and `output_dir=0123` would become "83".
+                # brace pattern would not parse and `output_dir=0123` would become "83". Bare
+                # `null` clears it; a quoted 'null' is the text.
+                null = value == "null"
                 if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                     value = value[1:-1]
-                OmegaConf.update(cfg, key, None if nullable and value == "null" else value,
-                                 merge=True)
+                OmegaConf.update(cfg, key, None if null else value, merge=True)
             else:
                 cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override {item!r}") from exc
+        except (TypeError, ValueError) as exc:  # e.g. a list indexed by a name
+            raise ConfigError(f"override {item!r}: key '{key}': {exc}") from exc
     try:
         obj: Config = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:

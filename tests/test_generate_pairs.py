@@ -213,6 +213,16 @@ def test_job_array_parts_and_merge(tmp_path, server, monkeypatch):
         monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", str(first))
         assert main(pair_args(captions, out, server)) == 0
     assert not list(out.parent.glob("pairs.jsonl"))  # the lone rerun wrote no unsplit output
+    # A split given by hand, then one of its jobs run again as a lone Slurm task.
+    by_hand = tmp_path / "by_hand" / "pairs.jsonl"
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name)
+    assert main([*pair_args(captions, by_hand, server), "--job-index", "2", "--num-jobs", "3"]) == 0
+    for name, value in (("ID", "2"), ("COUNT", "1"), ("MIN", "2")):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)
+    assert main(pair_args(captions, by_hand, server)) == 0
+    assert sorted(p.name for p in by_hand.parent.glob("pairs*.jsonl") if "rejects" not in p.name) \
+        == ["pairs.part-00002-of-00003.jsonl"]
     parts = sorted(p.name for p in out.parent.glob("pairs.part-*.jsonl"))
     assert parts == [f"pairs.part-0000{i}-of-00003.jsonl" for i in range(3)]
     assert all(lines(out.parent / p) for p in parts)  # each job got some captions

@@ -301,9 +301,11 @@ def test_array_job_places_slurm_tasks(monkeypatch):
     assert array_job(None, None, Earlier(16, 0, 1)) == (0, 16, Earlier(16, 0, 1))
     slurm(9, 2, 3, 9)  # --array=3,9 after --array=0-15
     assert array_job(None, None, Earlier(16, 0, 1)) == (9, 16, Earlier(16, 0, 1))
-    slurm(5, 8, 0, 7)  # --array=0-7 after --array=0-15: a new array
-    assert array_job(None, None, Earlier(16, 0, 1)) == (5, 8, Earlier(8, 0, 1))
+    slurm(3, 4, 0, 3)  # --array=0-3 after --array=0-31: the first four run again
+    assert array_job(None, None, Earlier(32, 0, 1)) == (3, 32, Earlier(32, 0, 1))
     assert array_job(1, 3, Earlier(16, 0, 1)) == (1, 3, None)  # by hand
+    slurm(2, 3, 1, 3)  # --array=1-3 with --num-jobs 3: the array still places the task
+    assert array_job(None, 3) == (1, 3, Earlier(3, 1, 1))
     slurm(3, 2, 0, 6, 6)
     with pytest.raises(ValueError, match="not in the array"):
         array_job(None, None)
