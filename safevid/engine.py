@@ -32,10 +32,13 @@ def device_and_dtype(cfg: Config) -> tuple[torch.device, torch.dtype]:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                           else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.model.dtype)
-    if dtype is None:  # auto
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16_ok else torch.float32
-    return device, dtype
+    return device, dtype or auto_dtype(device)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a GPU that has it, else fp32 (training, and evaluation alike)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def deepspeed_config(cfg: Config, micro_steps: int, world: int, dtype: torch.dtype) -> dict:

@@ -109,11 +109,10 @@ def default_num_frames(model_dir: str | Path) -> tuple[int, str]:
 def device_and_dtype(device: str | None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """The evaluation's device (default cuda when available) and dtype (`auto`: bf16 on a GPU
     that has it, else fp32: what training picks for `model.dtype=auto`)."""
+    from safevid.engine import auto_dtype
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    return dev, getattr(torch, dtype)
+    return dev, auto_dtype(dev) if dtype == "auto" else getattr(torch, dtype)
 
 
 class LocalModel:
