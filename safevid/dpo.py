@@ -290,12 +290,15 @@ def reduce_step_metrics(sums: dict, valid_pairs: int, device: torch.device) -> d
 @torch.no_grad()
 def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], cfg, rank: int,
              world: int, out_dir: Path | None, device: torch.device, dtype: torch.dtype,
-             ref_table=None) -> dict:
+             ref_table=None, rejects: Rejects | None = None) -> dict:
     """Reward accuracy and margin on each named set of shards, spread over all ranks.
 
     Each rank runs the same number of forwards (the pair list is padded with repeats that are
     dropped afterwards): under ZeRO-3 an unequal count would deadlock the parameter gathers.
+    Pairs that cannot be decoded, encoded or given their reference log-probs are left out by
+    every rank and recorded in `rejects` (give it on one rank only: all ranks read every pair).
     """
+    rejects = rejects or Rejects(None)
     engine.eval()
     m = cfg.train.micro_batch_pairs
     results: dict[str, float] = {}
@@ -304,9 +307,12 @@ def evaluate(engine, ref_engine, batcher: Batcher, sets: dict[str, list[str]], c
             continue
         # Decoding and encoding are deterministic, so every rank drops the same pairs here.
         pairs = []
-        for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, Rejects(None)):
-            if batcher.encode(p) is None and (ref_table is None or attach_ref(p, ref_table) is None):
+        for p in read_decodable_pairs(urls, cfg.data.eval_max_pairs, rejects):
+            error = batcher.encode(p) or (attach_ref(p, ref_table) if ref_table is not None else None)
+            if error is None:
                 pairs.append(p)
+            else:
+                rejects.add(p.name, error)
             p.video.release()
         if not pairs:
             continue

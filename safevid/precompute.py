@@ -22,7 +22,7 @@ def precompute(cfg) -> int:
     from safevid.data.collate import batch_inputs
     from safevid.data.indexed import load_index, shard_pairs
     from safevid.data.stream import Pair, Video
-    from safevid.data_prep.rejects import Rejects
+    from safevid.data_prep.rejects import Rejects, merge_rank_files, rank_file
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import Batcher, micro_batches
     from safevid.losses import needs_reference
@@ -103,7 +103,9 @@ def precompute(cfg) -> int:
               f"already done) on {world} ranks; reference "
               f"{cfg.model.ref_name_or_path or cfg.model.name_or_path}, layout {layout}, "
               f"attention {setup.backend}, {dtype_name}", file=sys.stderr)
-    rejects = Rejects(out / "rejects_precompute.jsonl")
+    # A file per rank (one file appended to from several nodes can lose lines), merged below.
+    rejects_path = out / "rejects_precompute.jsonl"
+    rejects = Rejects(rank_file(rejects_path, rank))
 
     def slots():
         for i in mine:
@@ -134,38 +136,43 @@ def precompute(cfg) -> int:
 
     it = slots()
     pool = ThreadPoolExecutor(1)  # the next micro-batch is built while this one runs
-    pending = pool.submit(build, [next(it) for _ in range(m)])
     bar = tqdm(total=steps, disable=rank != 0, desc="reference", dynamic_ncols=True)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for step in range(steps):
-            chunk, batch = pending.result()
-            if step + 1 < steps:
-                pending = pool.submit(build, [next(it) for _ in range(m)])
-            logps, _ = reference(**batch_inputs(batch.to(setup.device, setup.dtype)))
-            values = logps.double().cpu().tolist()
-            for j, (shard, pair) in enumerate(chunk):
-                # None: a stand-in; not in results: a shard that grew since it was planned
-                # (its file is written, stamped with the digest it had, so it reads as stale).
-                if shard is None or shard not in results:
-                    continue
-                entries = results[shard].setdefault(pair.video.key, [])
-                entries.extend([None] * (pair.index + 1 - len(entries)))
-                entries[pair.index] = ([pair.id, values[2 * j], values[2 * j + 1],
-                                        text_digest(pair)] if pair.valid else None)
-                left[shard] -= 1
-                if left[shard] == 0:  # the shard is whole: its file, written then renamed
-                    write(shard)
-            bar.update(1)
-    pool.shutdown()
-    decoder.shutdown()
-    bar.close()
+    try:
+        pending = pool.submit(build, [next(it) for _ in range(m)])
+        with torch.no_grad():
+            for step in range(steps):
+                chunk, batch = pending.result()
+                if step + 1 < steps:
+                    pending = pool.submit(build, [next(it) for _ in range(m)])
+                logps, _ = reference(**batch_inputs(batch.to(setup.device, setup.dtype)))
+                values = logps.double().cpu().tolist()
+                for j, (shard, pair) in enumerate(chunk):
+                    # None: a stand-in; not in results: a shard that grew since it was planned
+                    # (its file is written, stamped with the digest it had, so it reads as
+                    # stale).
+                    if shard is None or shard not in results:
+                        continue
+                    entries = results[shard].setdefault(pair.video.key, [])
+                    entries.extend([None] * (pair.index + 1 - len(entries)))
+                    entries[pair.index] = ([pair.id, values[2 * j], values[2 * j + 1],
+                                            text_digest(pair)] if pair.valid else None)
+                    left[shard] -= 1
+                    if left[shard] == 0:  # the shard is whole: its file, written then renamed
+                        write(shard)
+                bar.update(1)
+    finally:
+        # On an error too: the build thread and the decoding pool end with this rank.
+        pool.shutdown(cancel_futures=True)
+        decoder.shutdown(cancel_futures=True)
+        bar.close()
     # Shards with no pairs at all (every sample unreadable) still get their file.
     for shard in list(results):
         write(shard)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, failed)  # also the barrier: every file is written
     failed = [line for part in everyone for line in part]
+    rejected = merge_rank_files(rejects_path) if rank == 0 else 0
     if failed:
         if rank == 0:
             print(f"safevid: the reference log-probs of {len(failed)} shards could not be "
@@ -176,6 +183,6 @@ def precompute(cfg) -> int:
         return 1
     if rank == 0:
         print(f"safevid: reference log-probs written for {sum(map(len, parts))} shards in "
-              f"{time.perf_counter() - t0:.1f}s ({rejects.count} pairs rejected by this rank, "
-              f"see {out / 'rejects_precompute.jsonl'})", file=sys.stderr)
+              f"{time.perf_counter() - t0:.1f}s ({rejected} rejected pairs recorded in {rejects_path})",
+              file=sys.stderr)
     return 0

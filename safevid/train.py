@@ -45,7 +45,7 @@ def train(cfg) -> int:
     from safevid.data.collate import batch_inputs
     from safevid.data.indexed import IndexedStream
     from safevid.data.stream import PairStream
-    from safevid.data_prep.rejects import Rejects
+    from safevid.data_prep.rejects import Rejects, rank_file
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import (
         Batcher,
@@ -155,19 +155,22 @@ def train(cfg) -> int:
     start_step, position = checkpoint.load(engine, resume, rank) if resume else (0, (0, 0))
     if rank == 0 and resume:
         print(f"safevid: resuming from step {start_step} ({resume.path})", file=sys.stderr)
-    rejects = Rejects(out / "rejects.jsonl" if rank == 0 else None)
+    # Each rank writes its own rejects file (one file appended to from several nodes can
+    # lose lines); rank 0 merges them into rejects.jsonl when the run ends.
+    rejects = Rejects(rank_file(out / "rejects.jsonl", rank))
     if cfg.data.loader == "indexed":
-        # Each rank reads (and so rejects) only its own samples: every rank appends to the file.
+        # Each rank reads (and so rejects) only its own samples.
         stream = IndexedStream(mix or [("train", train_urls, 1.0)], cfg.train.seed,
-                               cfg.train.pairs_per_step, cfg.data.groups,
-                               Rejects(out / "rejects.jsonl"), position)
+                               cfg.train.pairs_per_step, cfg.data.groups, rejects, position)
     else:
-        stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer, rejects, position)
-    # Every rank appends its own decode failures (short O_APPEND writes do not interleave).
-    # Tokenization, length rules and collation happen in the prefetch thread too: a pair that
-    # cannot be used is known (and weighs 0) before the step counts its usable pairs.
+        # Every rank reads the whole stream: rank 0 alone records what it rejects.
+        stream = PairStream(train_urls, cfg.train.seed, cfg.data.shuffle_buffer,
+                            rejects if rank == 0 else Rejects(None), position)
+    # Decode failures, tokenization, length rules and collation happen in the prefetch thread
+    # too: a pair that cannot be used is known (and weighs 0) before the step counts its
+    # usable pairs. Each rank rejects its own share of the step.
     prefetch = StepPrefetcher(stream, cfg.train.pairs_per_step, rank, world,
-                              cfg.data.decode_threads, Rejects(out / "rejects.jsonl"),
+                              cfg.data.decode_threads, rejects,
                               steps=cfg.train.max_steps - start_step, batcher=batcher,
                               micro_batch_pairs=cfg.train.micro_batch_pairs, ref_table=ref_table)
     log = MetricsLog(out / "metrics.jsonl", start_step) if rank == 0 else None
@@ -185,7 +188,7 @@ def train(cfg) -> int:
         fault_delay("eval")
         return evaluate(engine, ref_engine, batcher, sets, cfg, rank, world,
                         out if rank == 0 and step == cfg.train.max_steps else None, device, dtype,
-                        ref_table)
+                        ref_table, rejects if rank == 0 else None)
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, position, rank, world,
@@ -259,9 +262,10 @@ def train(cfg) -> int:
                 save(step)
             break
     bar.close()
-    prefetch.close()
+    prefetch.close()  # no rank rejects anything after this
     if report is not None:
         report.close()
+    rejected = _close_rejects(out, rank)
     if stopped_by:
         if rank == 0:
             write_stop_file(out, step, stopped_by)
@@ -275,7 +279,7 @@ def train(cfg) -> int:
     if cfg.train.export_hf and not (start_step >= cfg.train.max_steps and (out / "hf").is_dir()):
         export_hf(policy, out / "hf", rank, cfg.model.name_or_path)
     if rank == 0:
-        _summary(out, rejects.count)
+        _summary(out, rejected)
     dist.barrier()
     return 0
 
@@ -325,6 +329,18 @@ def _write_partition_stats(engine, path: Path) -> None:
         "resident_numel": sum(p.data.numel() for p in params),
     }
     path.write_text(json.dumps(stats))
+
+
+def _close_rejects(out: Path, rank: int) -> int:
+    """The run's rejected inputs (all its ranks and starts): once every rank has stopped
+    writing, rank 0 merges the ranks' files into rejects.jsonl (those a killed start left
+    too) and counts its records."""
+    import torch.distributed as dist
+
+    from safevid.data_prep.rejects import merge_rank_files
+
+    dist.barrier()
+    return merge_rank_files(out / "rejects.jsonl") if rank == 0 else 0
 
 
 def _summary(out: Path, rejected: int) -> None:

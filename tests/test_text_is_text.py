@@ -105,6 +105,8 @@ def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
     good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
     hostile = tmp_path / "hostile-000000.tar"
     _hostile_shard(str(good), hostile)
+    heldout = tmp_path / "heldout-000000.tar"  # the same pairs, for the held-out evaluation
+    _hostile_shard(str(good), heldout)
     with tarfile.open(good) as tar:
         n_good = sum(len(json.loads(tar.extractfile(m).read())["pairs"])
                      for m in tar.getmembers() if m.name.endswith(".json"))
@@ -112,18 +114,24 @@ def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
     out = tmp_path / "run"
     run_train(out, demo_assets, world=2, timeout=600, extra=(
         f"train.max_steps={steps}", f"data.shards={good},{hostile}", "data.shuffle_buffer=1000",
-        "train.eval_every=0", "train.export_hf=false", "data.eval_shards=null"))
+        "train.eval_every=0", "train.export_hf=false", f"data.eval_shards={heldout}"))
     logged = rows(out)
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in logged)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     # Only the pair that cannot be encoded and the over-long one are rejected, by name, with
     # the reason (the lengths for the long one); the pairs with special-token strings trained
-    # as text.
-    reasons = {r["source"].removeprefix(f"{hostile}:"): r["reason"] for r in rejects}
-    assert sorted(reasons) == ["hostile/broken-text", "hostile/too-long"]  # by shard too
-    assert reasons["hostile/broken-text"].startswith("cannot encode: TypeError")
-    assert reasons["hostile/too-long"].startswith("too long: prompt ")
-    assert "data.max_length=1024" in reasons["hostile/too-long"]
+    # as text. The held-out evaluation rejects its copies alike and scores the other two.
+    reasons = {tuple(r["source"].split(":", 1)): r["reason"] for r in rejects}
+    assert sorted(reasons) == [(str(s), f"hostile/{i}") for s in (heldout, hostile)
+                               for i in ("broken-text", "too-long")]
+    for shard in (hostile, heldout):
+        assert reasons[str(shard), "hostile/broken-text"].startswith("cannot encode: TypeError")
+        assert reasons[str(shard), "hostile/too-long"].startswith("too long: prompt ")
+        assert "data.max_length=1024" in reasons[str(shard), "hostile/too-long"]
+    assert logged[-1]["eval/heldout/pairs"] == 2
+    # Both ranks' files were folded into that one, and the summary counts what it holds.
+    assert not list(out.glob("rejects.rank*.jsonl"))
+    assert json.loads((out / "summary.json").read_text())["rejected_samples"] == 4
     # Their slots stay in their steps (the same forwards on every rank) and weigh nothing there.
     assert sum(16 - r["pairs"] for r in logged) == 2
