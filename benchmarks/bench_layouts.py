@@ -22,7 +22,7 @@ answers with the demo mix's spread scaled to a 300-token mean, 8 pairs per micro
 that hold at least one allowed entry), and exactly (allowed entries only), with the mask's bytes.
 
     python benchmarks/bench_layouts.py            # CPU, fp32, sdpa_units, 16 layers x 512
-    python benchmarks/bench_layouts.py --gpu      # CUDA, bf16, FlexAttention, a wider model
+    python benchmarks/bench_layouts.py --gpu      # CUDA, bf16, FlexAttention, 32 layers x 4096
 """
 
 from __future__ import annotations
@@ -225,9 +225,11 @@ def main() -> int:
         print("bench_layouts: --gpu given but CUDA is not available", file=sys.stderr)
         return 2
     args.hidden = args.hidden or (4096 if args.gpu else 512)
-    # 16 layers on CPU: fewer leave the step to the LM head and the vision tower, not to the
-    # layers whose work the layouts change (as at 7B).
-    args.layers = args.layers or (4 if args.gpu else 16)
+    # The layers whose work the layouts change must dominate the step, as at 7B: fewer leave it
+    # to the LM head, the vision tower and (on a GPU) launches. On a GPU the 7B's 32 (about
+    # 6.5B parameters: 13 GB of bf16 weights, as much for gradients, and the step's
+    # activations; no optimizer); on CPU 16.
+    args.layers = args.layers or (32 if args.gpu else 16)
     results = run(args)
     print_table(results)
     if args.json:

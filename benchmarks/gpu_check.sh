@@ -254,7 +254,7 @@ if wanted layouts; then
   else
     LB=(--gpu)
   fi
-  run_step layouts_bench 240 "$PY" benchmarks/bench_layouts.py "${LB[@]}" --assets "$ASSETS" \
+  run_step layouts_bench 360 "$PY" benchmarks/bench_layouts.py "${LB[@]}" --assets "$ASSETS" \
     --json "$WORK/results/layouts.json"
   run_step demo_packed 150 "$PY" benchmarks/gpu_check.py train --result "$WORK/results/demo_packed.json" \
     -- configs/demo.yaml "output_dir=$WORK/demo_packed_run" "demo.assets_dir=$ASSETS" \
