@@ -90,6 +90,7 @@ def precompute(cfg) -> int:
     steps = max(math.ceil(sum(counts[i] for i in part) / m) for part in parts)
     if not any(parts):  # the same answer on every rank: it came from rank 0
         if rank == 0:
+            merge_rank_files(out / "rejects_precompute.jsonl")  # what a killed run left
             print(f"safevid: the reference log-probs of all {len(urls)} shards are current; "
                   "nothing to do", file=sys.stderr)
         return 0
@@ -105,7 +106,7 @@ def precompute(cfg) -> int:
               f"attention {setup.backend}, {dtype_name}", file=sys.stderr)
     # A file per rank (one file appended to from several nodes can lose lines), merged below.
     rejects_path = out / "rejects_precompute.jsonl"
-    rejects = Rejects(rank_file(rejects_path, rank))
+    rejects = Rejects(rank_file(rejects_path, rank), tags={"rank": rank})
 
     def slots():
         for i in mine:

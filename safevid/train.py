@@ -45,7 +45,7 @@ def train(cfg) -> int:
     from safevid.data.collate import batch_inputs
     from safevid.data.indexed import IndexedStream
     from safevid.data.stream import PairStream
-    from safevid.data_prep.rejects import Rejects, rank_file
+    from safevid.data_prep.rejects import Rejects, discard_with_rank_files, rank_file
     from safevid.demo_assets import ensure_demo_assets
     from safevid.dpo import (
         Batcher,
@@ -89,6 +89,8 @@ def train(cfg) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(given, out / "config.yaml")
         clear_stop_file(out)
+        if resume is None:  # as metrics.jsonl starts again, so do the rejects
+            discard_with_rank_files(out / "rejects.jsonl")
     if resume is not None and resume.world_size != world:
         checkpoint.prepare_universal(resume, world, rank)
     dist.barrier()
@@ -157,7 +159,7 @@ def train(cfg) -> int:
         print(f"safevid: resuming from step {start_step} ({resume.path})", file=sys.stderr)
     # Each rank writes its own rejects file (one file appended to from several nodes can
     # lose lines); rank 0 merges them into rejects.jsonl when the run ends.
-    rejects = Rejects(rank_file(out / "rejects.jsonl", rank))
+    rejects = Rejects(rank_file(out / "rejects.jsonl", rank), tags={"rank": rank})
     if cfg.data.loader == "indexed":
         # Each rank reads (and so rejects) only its own samples.
         stream = IndexedStream(mix or [("train", train_urls, 1.0)], cfg.train.seed,
@@ -263,9 +265,9 @@ def train(cfg) -> int:
             break
     bar.close()
     prefetch.close()  # no rank rejects anything after this
+    rejected = _close_rejects(out, rank)
     if report is not None:
         report.close()
-    rejected = _close_rejects(out, rank)
     if stopped_by:
         if rank == 0:
             write_stop_file(out, step, stopped_by)

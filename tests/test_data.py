@@ -104,25 +104,28 @@ def test_missing_shards_name_the_key(tmp_path):
         expand_shards(str(tmp_path / "x-*.tar"), "data.eval_shards")
 
 
-def test_rank_rejects_files_merge_into_one_file_once_per_input(tmp_path):
+def test_rank_rejects_files_merge_into_one_file_once_per_input(tmp_path, capsys):
     """Each rank writes its own file; the merge keeps every record (rank order, numerically),
-    each input once per reason, a line cut short as it is, and removes the rank files."""
+    each input once per reason, leaves out (and prints) a line cut short by a killed writer,
+    and removes the rank files."""
     from safevid.data_prep.rejects import merge_rank_files, rank_file
 
     path = tmp_path / "rejects.jsonl"
     path.write_text(json.dumps({"source": "a", "reason": "r"}) + "\n")  # an earlier start's
     for rank, sources in ((10, ["d"]), (2, ["a", "c"]), (0, ["b"])):
-        part = Rejects(rank_file(path, rank))
+        part = Rejects(rank_file(path, rank), tags={"rank": rank})
         for source in sources:
             part.add(source, "r")
     assert rank_file(path, 2).name == "rejects.rank2.jsonl"
     with open(rank_file(path, 10), "a") as f:
         f.write('{"source": "e", "rea')  # a writer killed mid-line
+    Rejects(rank_file(path, 10)).add("f", "r")  # the next start of rank 10: a line of its own
     other = tmp_path / "rejects.rank1.jsonl.tmp"
     other.write_text("not a rank file\n")
     assert merge_rank_files(path) == 5
-    lines = path.read_text().splitlines()
-    assert [json.loads(x)["source"] for x in lines[:4]] == ["a", "b", "c", "d"]
-    assert lines[4] == '{"source": "e", "rea'
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["source"] for r in records] == ["a", "b", "c", "d", "f"]
+    assert [r.get("rank") for r in records] == [None, 0, 2, 10, None]
+    assert '{"source": "e", "rea' in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rejects.jsonl", other.name]
-    assert merge_rank_files(path) == 5  # nothing more to fold: the same file
+    assert merge_rank_files(path) == 5  # nothing more to fold: the same count

@@ -74,9 +74,11 @@ def test_tokens_added_as_special_outside_the_map_are_text_too(demo_assets, tmp_p
     assert marker in tok("Where is <clip_marker> in it?", add_special_tokens=False)["input_ids"]
 
 
-def _hostile_shard(good: str, path) -> list[dict]:
-    """One video (frames copied from a good shard) whose pairs carry special-token strings, one
-    pair whose text cannot be encoded and one whose prompt is over data.max_length."""
+def _hostile_shard(good: str, path, videos: tuple[str, ...] = ("hostile",),
+                   plain: int = 0) -> list[dict]:
+    """Videos (frames copied from a good shard) whose pairs carry special-token strings, one
+    pair whose text cannot be encoded and one whose prompt is over data.max_length; and a video
+    of `plain` ordinary pairs."""
     with tarfile.open(good) as tar:
         members = tar.getmembers()
         key = members[0].name.split(".")[0]
@@ -91,8 +93,12 @@ def _hostile_shard(good: str, path) -> list[dict]:
         {"id": "too-long", "prompt": " ".join(["Describe every frame in detail."] * 300),
          "chosen": "No.", "rejected": "Yes."},
     ]
-    files = {"hostile.json": json.dumps({"id": "hostile", "pairs": pairs}).encode()}
-    files.update({f"hostile.{i:03d}.jpg": data for i, data in enumerate(jpegs)})
+    ordinary = [{"id": f"plain-{i}", "prompt": "What happens here?", "chosen": "A calm scene.",
+                 "rejected": "Nothing you need to know."} for i in range(plain)]
+    files = {}
+    for video, its in [(v, pairs) for v in videos] + [("plain", ordinary)] * bool(plain):
+        files[f"{video}.json"] = json.dumps({"id": video, "pairs": its}).encode()
+        files.update({f"{video}.{i:03d}.jpg": data for i, data in enumerate(jpegs)})
     with tarfile.open(path, "w") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
@@ -103,35 +109,50 @@ def _hostile_shard(good: str, path) -> list[dict]:
 
 def test_hostile_text_in_shards_trains_on_two_ranks(demo_assets, tmp_path):
     good = sorted((demo_assets / "shards").glob("train-*.tar"))[0]
-    hostile = tmp_path / "hostile-000000.tar"
-    _hostile_shard(str(good), hostile)
-    heldout = tmp_path / "heldout-000000.tar"  # the same pairs, for the held-out evaluation
-    _hostile_shard(str(good), heldout)
     with tarfile.open(good) as tar:
         n_good = sum(len(json.loads(tar.extractfile(m).read())["pairs"])
                      for m in tar.getmembers() if m.name.endswith(".json"))
-    steps = -(-(n_good + 4) // 16)  # the whole first epoch, so every hostile pair is met
+    # Two hostile videos (bad pairs for both ranks) and as many ordinary pairs as make the
+    # epoch whole steps of 16: every hostile pair is met once, none twice.
+    k, plain = 2, -(n_good + 8) % 16
+    videos = tuple(f"hostile{i}" for i in range(k))
+    hostile = tmp_path / "hostile-000000.tar"
+    _hostile_shard(str(good), hostile, videos=videos, plain=plain)
+    heldout = tmp_path / "heldout-000000.tar"  # the same pairs, for the held-out evaluation
+    _hostile_shard(str(good), heldout)
+    steps = (n_good + 4 * k + plain) // 16
     out = tmp_path / "run"
+    out.mkdir()  # an earlier attempt that never checkpointed: its records are not this run's
+    for stale in ("rejects.jsonl", "rejects.rank3.jsonl"):
+        (out / stale).write_text(json.dumps({"source": "stale", "reason": "earlier"}) + "\n")
     run_train(out, demo_assets, world=2, timeout=600, extra=(
         f"train.max_steps={steps}", f"data.shards={good},{hostile}", "data.shuffle_buffer=1000",
-        "train.eval_every=0", "train.export_hf=false", f"data.eval_shards={heldout}"))
+        "train.eval_every=0", "train.export_hf=false", f"data.eval_shards={heldout}",
+        f"data.eval_max_pairs={n_good}"))  # the training set's evaluation: the good pairs
     logged = rows(out)
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in logged)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    # Only the pair that cannot be encoded and the over-long one are rejected, by name, with
-    # the reason (the lengths for the long one); the pairs with special-token strings trained
-    # as text. The held-out evaluation rejects its copies alike and scores the other two.
+    # Only the pairs that cannot be encoded and the over-long ones are rejected, by name, with
+    # the reason (the lengths for a long one); the pairs with special-token strings trained as
+    # text. The held-out evaluation (rank 0) rejects its copies alike and scores the other two.
     reasons = {tuple(r["source"].split(":", 1)): r["reason"] for r in rejects}
-    assert sorted(reasons) == [(str(s), f"hostile/{i}") for s in (heldout, hostile)
-                               for i in ("broken-text", "too-long")]
-    for shard in (hostile, heldout):
-        assert reasons[str(shard), "hostile/broken-text"].startswith("cannot encode: TypeError")
-        assert reasons[str(shard), "hostile/too-long"].startswith("too long: prompt ")
-        assert "data.max_length=1024" in reasons[str(shard), "hostile/too-long"]
+    trained = [(str(hostile), f"{v}/{i}") for v in videos for i in ("broken-text", "too-long")]
+    held = [(str(heldout), f"hostile/{i}") for i in ("broken-text", "too-long")]
+    assert sorted(reasons) == sorted(trained + held)
+    for key, reason in reasons.items():
+        if key[1].endswith("broken-text"):
+            assert reason.startswith("cannot encode: TypeError")
+        else:
+            assert reason.startswith("too long: prompt ") and "data.max_length=1024" in reason
     assert logged[-1]["eval/heldout/pairs"] == 2
-    # Both ranks' files were folded into that one, and the summary counts what it holds.
+    # Each rank wrote what it met to its own file: rank 1 bad training pairs (its share of
+    # their steps), rank 0 the held-out ones. Both files were folded into rejects.jsonl, and
+    # the summary counts what it holds.
+    by_rank = {tuple(r["source"].split(":", 1)): r["rank"] for r in rejects}
+    assert 1 in {by_rank[key] for key in trained}, by_rank
+    assert {by_rank[key] for key in held} == {0}
     assert not list(out.glob("rejects.rank*.jsonl"))
-    assert json.loads((out / "summary.json").read_text())["rejected_samples"] == 4
+    assert json.loads((out / "summary.json").read_text())["rejected_samples"] == 2 * k + 2
     # Their slots stay in their steps (the same forwards on every rank) and weigh nothing there.
-    assert sum(16 - r["pairs"] for r in logged) == 2
+    assert sum(16 - r["pairs"] for r in logged) == 2 * k
