@@ -70,7 +70,7 @@ def rank_file(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
-def merge_rank_files(path: Path, prefix: str = "safevid") -> int:
+def merge_rank_files(path: Path) -> int:
     """Fold every rank file of `path` into `path` (rank order), written then renamed, and
     remove the rank files; the number of records then. Only for a moment when no rank writes:
     at the end of a job after its ranks have closed their loaders (the files a killed job left
@@ -89,7 +89,7 @@ def merge_rank_files(path: Path, prefix: str = "safevid") -> int:
                 if line.strip():
                     key = _record_key(line)
                     if key is None:
-                        print(f"{prefix}: {source}: not a rejects record, left out: {line!r}",
+                        print(f"safevid: {source}: not a rejects record, left out: {line!r}",
                               file=sys.stderr)
                     else:
                         kept.setdefault(key, line)
@@ -98,7 +98,7 @@ def merge_rank_files(path: Path, prefix: str = "safevid") -> int:
             for part in parts:
                 part.unlink()
     except OSError as exc:
-        print(f"{prefix}: could not merge the rank rejects files into {path} ({exc}); they are "
+        print(f"safevid: could not merge the rank rejects files into {path} ({exc}); they are "
               "left as they are and the next run folds them in", file=sys.stderr)
     return len(kept)
 

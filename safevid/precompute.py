@@ -52,6 +52,9 @@ def precompute(cfg) -> int:
     m = cfg.train.micro_batch_pairs
     out = Path(cfg.output_dir)
     layout = Batcher.layout_of(cfg.data).name
+    # A rejects file per rank (one file appended to from several nodes can lose lines), merged
+    # by rank 0 at the end.
+    rejects_path = out / "rejects_precompute.jsonl"
     dtype_name = str(setup.dtype).removeprefix("torch.")
 
     def plan() -> tuple[dict, dict[int, int], dict[int, str], list[list[int]]]:
@@ -90,7 +93,7 @@ def precompute(cfg) -> int:
     steps = max(math.ceil(sum(counts[i] for i in part) / m) for part in parts)
     if not any(parts):  # the same answer on every rank: it came from rank 0
         if rank == 0:
-            merge_rank_files(out / "rejects_precompute.jsonl")  # what a killed run left
+            merge_rank_files(rejects_path)  # what a killed run left
             print(f"safevid: the reference log-probs of all {len(urls)} shards are current; "
                   "nothing to do", file=sys.stderr)
         return 0
@@ -104,8 +107,6 @@ def precompute(cfg) -> int:
               f"already done) on {world} ranks; reference "
               f"{cfg.model.ref_name_or_path or cfg.model.name_or_path}, layout {layout}, "
               f"attention {setup.backend}, {dtype_name}", file=sys.stderr)
-    # A file per rank (one file appended to from several nodes can lose lines), merged below.
-    rejects_path = out / "rejects_precompute.jsonl"
     rejects = Rejects(rank_file(rejects_path, rank), tags={"rank": rank})
 
     def slots():
