@@ -37,12 +37,17 @@ SHORT = (f"train.max_steps={STEPS}", "train.save_every=2", "train.eval_every=0",
 # 1.1e-6 relative over 6 steps, so 1e-5 leaves a 10x margin; the bugs these tests are for
 # move grad_norm by 2x or the loss by 4e-2.
 TOL = 1e-5
-# Weights after 6 steps. Adam scales each element's step to about lr (2e-3 at the peak), so an
-# element whose gradient is near 0 turns rounding noise into a visible fraction of a step.
-# Measured worst (packed vs unpacked, embedding rows): 7.6e-5 absolute, 1.5e-5 relative in
-# L2 norm per tensor. Allowed: 5e-4 (a quarter of one peak step) per element and 1e-4 relative
-# per tensor; a real difference in the gradients moves whole tensors by whole steps.
-PARAM_ATOL, PARAM_RTOL = 5e-4, 1e-4
+# Weights after 6 steps. Adam scales each element's step to about lr (2e-3 at the peak) whatever
+# the size of its gradient, so an element whose gradient is near 0 at some step turns rounding
+# noise into a visible fraction of a step. How large depends on the CPU's kernels: measured at
+# most 7.6e-5 on one machine, and 6.8e-4 on one embedding element of 65,536 on another.
+# Allowed: 5e-4 (a quarter of one peak step) per element, except in at most 1 element in 10,000
+# of a tensor (rounded up), which may differ up to Adam's reach (2 x the sum of the step
+# learning rates: both runs moving the element a full lr per step, in opposite directions); and
+# 1e-4 relative (L2) per tensor over its other elements. A real difference in the gradients
+# moves whole tensors, or whole embedding rows, by whole steps (a row is 64 elements: planted,
+# an untrained row fails, as does one tensor 0.1% off).
+PARAM_ATOL, PARAM_RTOL, PARAM_OUTLIERS = 5e-4, 1e-4, 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -79,23 +84,33 @@ def _weights(run: Path) -> dict:
 
 
 def assert_same_training(run: Path, ref: Path, tol: float = TOL, atol: float = PARAM_ATOL,
-                         rtol: float = PARAM_RTOL) -> None:
+                         rtol: float = PARAM_RTOL, outliers: float = PARAM_OUTLIERS) -> None:
     """Same steps, learning rates, losses and pre-clipping gradient norms, and the same weights
-    after the last step (hf/), within the given tolerances."""
-    import torch
-
+    after the last step (hf/), within the given tolerances. `outliers` is the fraction of a
+    tensor's elements (rounded up) that may exceed `atol`, within Adam's reach; 0 for none."""
     got, want = _rows(run), _rows(ref)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
     assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in want], rel=1e-12)
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=tol, rel=tol), key
+    reach = 2 * sum(r["lr"] for r in want)
     a, b = _weights(run), _weights(ref)
     assert a.keys() == b.keys()
+    problems = []
     for name in a:
-        x, y = a[name].double(), b[name].double()
-        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
-        rel = float((x - y).norm() / y.norm().clamp_min(1e-30))
-        assert rel <= rtol, f"{name}: relative L2 difference {rel:.2e} > {rtol:.0e}"
+        x, y = a[name].double().flatten(), b[name].double().flatten()
+        diff = (x - y).abs()
+        far = diff > atol
+        allowed = math.ceil(outliers * x.numel())
+        if int(far.sum()) > allowed or float(diff.max()) > max(atol, reach if allowed else 0):
+            problems.append(f"{name}: {int(far.sum())} of {x.numel()} elements differ by more "
+                            f"than {atol:.0e} (allowed {allowed}, each within {reach:.1e}); "
+                            f"largest {float(diff.max()):.2e}")
+        rest = ~far
+        rel = float((x - y)[rest].norm() / y[rest].norm().clamp_min(1e-30))
+        if rel > rtol:
+            problems.append(f"{name}: relative L2 difference {rel:.2e} > {rtol:.0e}")
+    assert not problems, "weights after the last step differ:\n" + "\n".join(problems)
 
 
 def test_zero3_partitions_parameters(long_run):
@@ -253,7 +268,7 @@ def test_kill_and_resume_reproduces_run(short_w2, demo_assets, tmp_path):
     assert killed_at < STEPS, "the run finished before it could be killed"
     assert not (out / "hf").exists()
     run_train(out, demo_assets, world=2, extra=SHORT)
-    assert_same_training(out, short_w2, tol=1e-6, atol=1e-6, rtol=1e-6)
+    assert_same_training(out, short_w2, tol=1e-6, atol=1e-6, rtol=1e-6, outliers=0)
     # TensorBoard, like metrics.jsonl, shows each step once: the redone steps' first events
     # are purged on resume.
     from safevid.report import read_tensorboard
