@@ -102,7 +102,7 @@ def assert_same_training(run: Path, ref: Path, tol: float = TOL, atol: float = P
         diff = (x - y).abs()
         far = diff > atol
         allowed = math.ceil(outliers * x.numel())
-        if int(far.sum()) > allowed or float(diff.max()) > max(atol, reach if allowed else 0):
+        if int(far.sum()) > allowed or float(diff.max()) > max(atol, reach):
             problems.append(f"{name}: {int(far.sum())} of {x.numel()} elements differ by more "
                             f"than {atol:.0e} (allowed {allowed}, each within {reach:.1e}); "
                             f"largest {float(diff.max()):.2e}")
